@@ -1,0 +1,57 @@
+"""Command line: `ingestd --config FILE`, `ingestd check-config`, `ingestd replay`, `--version`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import __version__
+from .config import Config, describe, load
+from .errors import EXIT_CONFIG, ConfigError
+from .logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = "config.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ingestd", description="HTTP ingestion daemon: JSON telemetry to S3 in batches.")
+    p.add_argument("--version", action="version", version=f"ingestd {__version__}")
+    p.add_argument("--config", default=None, help=f"config file (default: {DEFAULT_CONFIG} if it exists, else built-in defaults)")
+    sub = p.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the daemon in the foreground (the default)")
+    sub.add_parser("check-config", help="validate the config file and print the effective config")
+    sub.add_parser("replay", help="upload what sits in the spool (dead letters, drain overflow)")
+    for name, sp in sub.choices.items():
+        sp.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    return p
+
+
+def _load(path: str | None) -> Config:
+    if path is None:
+        return load(DEFAULT_CONFIG) if os.path.exists(DEFAULT_CONFIG) else Config()
+    return load(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = _load(args.config)
+    except ConfigError as e:
+        print(f"ingestd: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    command = args.command or "run"
+    if command == "check-config":
+        sys.stdout.write(describe(config))
+        return 0
+    setup_logging(config.log)
+    if command == "replay":
+        from .replay import replay
+
+        return replay(config)
+    from .supervisor import Supervisor
+
+    return Supervisor(config).run()

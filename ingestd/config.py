@@ -1,0 +1,271 @@
+"""Configuration: one frozen dataclass per TOML table, a default for every key, strict loading.
+
+`load(path)` reads TOML with `tomllib` and refuses unknown tables, unknown keys and bad values
+with a `ConfigError` that names the file and the key (as waitress' `adjustments.py` does with its
+one table of settings). Each field carries a one-line `help` used by `check-config` and the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import ConfigError
+
+Check = Callable[[Any], str | None]  # returns an error message, or None when the value is fine
+
+
+def _opt(default: Any, help: str, check: Check | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be 0 or greater"
+
+
+def _one_of(*choices: str) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in choices else "must be one of " + ", ".join(repr(c) for c in choices)
+
+    return check
+
+
+def _listen(v: Any) -> str | None:
+    try:
+        parse_listen(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _gzip_level(v: Any) -> str | None:
+    return None if 1 <= v <= 9 else "must be between 1 and 9"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split "host:port" (or "[v6]:port") into its parts; port 0 asks the kernel for a free one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"must be HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = _opt("127.0.0.1:8080", "address and port to listen on (port 0: any free port)", _listen)
+    max_body_bytes: int = _opt(1048576, "largest request body accepted, as sent (before gzip decoding)", _positive)
+    max_decoded_bytes: int = _opt(
+        4194304, "largest request body after gzip decoding; enforced while decoding", _positive
+    )
+    max_payloads: int = _opt(10000, "most payloads accepted in one request", _positive)
+    threads: int = _opt(8, "waitress worker threads that run the request handler", _positive)
+    connection_limit: int = _opt(1000, "most open client connections; more wait in the listen backlog", _positive)
+    channel_timeout_s: int = _opt(30, "close a client connection idle (or stalled mid-body) this long", _positive)
+    retry_after_s: int = _opt(1, "value of Retry-After on 503 answers", _positive)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    tokens: tuple[str, ...] = _opt((), "bearer tokens accepted on the ingest path; empty: no auth")
+    tokens_file: str = _opt("", "file with one bearer token per line, added to `tokens`")
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    max_items: int = _opt(10000, "bound of the shared queue, in requests (one item per request)", _positive)
+    max_bytes: int = _opt(268435456, "bound of the shared queue in bytes of stored lines", _positive)
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    count: int = _opt(2, "uploader processes", _positive)
+    heartbeat_timeout_s: float = _opt(60.0, "an uploader silent this long is killed and replaced", _positive)
+    restart_backoff_max_s: float = _opt(30.0, "longest wait between restarts of a crashing uploader", _positive)
+    boot_failures_fatal: int = _opt(5, "consecutive boot failures of an uploader that stop the daemon", _positive)
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_payloads: int = _opt(500, "most payloads in one stored object", _positive)
+    max_bytes: int = _opt(8388608, "largest uncompressed object body, envelopes included", _positive)
+    max_age_ms: int = _opt(1000, "longest a received payload waits before its object is written", _positive)
+    compression: str = _opt("gzip", "object compression: gzip | none", _one_of("gzip", "none"))
+    gzip_level: int = _opt(6, "gzip level, 1 (fastest) to 9 (smallest)", _gzip_level)
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    kind: str = _opt("directory", "where objects go: directory | s3", _one_of("directory", "s3"))
+    path: str = _opt("./data/objects", "directory sink: root folder of the objects")
+    fsync: bool = _opt(True, "directory sink: fsync each object before it is renamed into place")
+    prefix: str = _opt("", "key prefix before dt=…/hour=… (no leading or trailing slash needed)")
+    bucket: str = _opt("", "s3 sink: bucket name")
+    region: str = _opt("", "s3 sink: region; empty: from the AWS environment")
+    endpoint_url: str = _opt("", "s3 sink: endpoint of an S3-compatible store; empty: AWS")
+    connect_timeout_s: float = _opt(5.0, "s3 sink: connection timeout of one attempt", _positive)
+    read_timeout_s: float = _opt(30.0, "s3 sink: read timeout of one attempt", _positive)
+    retry_base_ms: int = _opt(100, "first retry delay after a retryable sink error", _positive)
+    retry_max_ms: int = _opt(30000, "longest retry delay (exponential backoff with full jitter)", _positive)
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: str = _opt("./data/spool", "in-flight batches, dead letters, drain overflow, disk journal")
+    durability: str = _opt("memory", "when a 202 is sent: memory (queued) | disk (journaled)", _one_of("memory", "disk"))
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    drain_timeout_s: float = _opt(30.0, "on SIGTERM, time to flush before the rest is spilled to the spool", _non_negative)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _opt("info", "debug | info | warning | error", _one_of("debug", "info", "warning", "error"))
+    format: str = _opt("text", "text | json (one JSON object per line)", _one_of("text", "json"))
+
+
+@dataclass(frozen=True)
+class Config:
+    http: HttpConfig = field(default_factory=HttpConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    sink: SinkConfig = field(default_factory=SinkConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = "<defaults>"  # the file this config was read from
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """Check a TOML value against a field's type; ints are welcome where floats are asked."""
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:  # tuple[str, ...]
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    if not ok:
+        name = "list of strings" if hint not in (bool, int, float, str) else hint.__name__
+        raise ConfigError(f"{where}: expected {name}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build_table(cls: type, table: Mapping[str, Any], where: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, raw in table.items():
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        value = _convert(raw, hints[key], f"{where}.{key}")
+        check = known[key].metadata.get("check")
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(f"{where}.{key}: {problem} (got {value!r})")
+        values[key] = value
+    return cls(**values)
+
+
+def from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> Config:
+    """Build a Config from parsed TOML; errors read like "FILE: [table].key: problem"."""
+    tables = {f.name: f for f in dataclasses.fields(Config) if f.name != "source"}
+    hints = get_type_hints(Config)
+    built: dict[str, Any] = {}
+    try:
+        for name, table in data.items():
+            if name not in tables:
+                raise ConfigError(f"[{name}]: unknown table (known: {', '.join(sorted(tables))})")
+            if not isinstance(table, dict):
+                raise ConfigError(f"{name}: expected a table, got {type(table).__name__}")
+            built[name] = _build_table(hints[name], table, f"[{name}]")
+        config = Config(**built, source=source)
+        _cross_check(config)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return config
+
+
+def _cross_check(config: Config) -> None:
+    if config.sink.kind == "s3" and not config.sink.bucket:
+        raise ConfigError("[sink].bucket: required when [sink].kind = \"s3\"")
+    if config.http.max_decoded_bytes < config.http.max_body_bytes:
+        raise ConfigError("[http].max_decoded_bytes: must be at least [http].max_body_bytes")
+    if config.auth.tokens_file and not os.path.isfile(config.auth.tokens_file):
+        raise ConfigError(f"[auth].tokens_file: no such file {config.auth.tokens_file!r}")
+    for token in config.auth.tokens:
+        if not token or any(c.isspace() for c in token):
+            raise ConfigError("[auth].tokens: a token is empty or holds white space")
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and check a config file; relative paths inside it stay relative to the working dir."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return from_mapping(data, str(p))
+
+
+def bearer_tokens(auth: AuthConfig) -> tuple[str, ...]:
+    """The accepted tokens: the inline ones plus those of `tokens_file` (blank lines and # comments skipped)."""
+    tokens = list(auth.tokens)
+    if auth.tokens_file:
+        with open(auth.tokens_file, encoding="utf-8") as f:
+            tokens += [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    return tuple(tokens)
+
+
+def describe(config: Config) -> str:
+    """The effective config as TOML, each key with its help text, for `check-config`."""
+    lines = [f"# effective config of {config.source}"]
+    for table in dataclasses.fields(Config):
+        if table.name == "source":
+            continue
+        lines.append(f"\n[{table.name}]")
+        section = getattr(config, table.name)
+        for f in dataclasses.fields(section):
+            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}  # {f.metadata['help']}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, tuple):
+        return "[" + ", ".join('"<redacted>"' for _ in v) + "]"
+    return repr(v)
+
+
+def reference_rows() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every key: the source of the README's config reference."""
+    rows = []
+    for table in dataclasses.fields(Config):
+        if table.name == "source":
+            continue
+        for f in dataclasses.fields(get_type_hints(Config)[table.name]):
+            rows.append((f"{table.name}.{f.name}", _toml_value(f.default) if f.default != () else "[]", f.metadata["help"]))
+    return rows

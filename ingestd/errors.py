@@ -1,0 +1,38 @@
+"""The project's exceptions and process exit codes, in one flat module that imports nothing."""
+
+from __future__ import annotations
+
+# Exit codes of the `ingestd` process. systemd's Restart=on-failure restarts on any non-zero
+# code; operators tell the causes apart by the number.
+EXIT_OK = 0
+EXIT_CONFIG = 2  # the config file is missing or refused
+EXIT_STARTUP = 3  # the listener could not bind, or the spool is locked by another daemon
+EXIT_UPLOADER_BOOT = 4  # an uploader cannot even start: restarting it would only loop
+
+# Exit code of an uploader process that failed while building its sink or loading its spool:
+# the supervisor stops respawning after this instead of entering a restart storm.
+UPLOADER_EXIT_BOOT_FAILED = 3
+
+
+class IngestdError(Exception):
+    """Base of every error ingestd raises on purpose."""
+
+
+class ConfigError(IngestdError):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+class SpoolLockedError(IngestdError):
+    """Another process holds the spool directory."""
+
+
+class SinkError(IngestdError):
+    """An upload failed."""
+
+
+class RetryableSinkError(SinkError):
+    """The sink may accept the same object later: 5xx, throttling, timeouts, refused connections."""
+
+
+class PermanentSinkError(SinkError):
+    """The sink will never accept this object as configured: access denied, no such bucket."""

@@ -1,0 +1,70 @@
+"""The S3 sink: the one module that imports boto3.
+
+Retries are ingestd's own (the uploader's backoff, bounded by the drain deadline), so botocore
+makes one attempt per call. Errors are sorted once here into retryable and permanent.
+"""
+
+from __future__ import annotations
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from .config import SinkConfig
+from .errors import PermanentSinkError, RetryableSinkError
+
+# Error codes that no amount of waiting fixes: the object goes to the dead-letter spool.
+PERMANENT_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AllAccessDisabled",
+        "AccountProblem",
+        "InvalidAccessKeyId",
+        "InvalidBucketName",
+        "NoSuchBucket",
+        "SignatureDoesNotMatch",
+        "InvalidRequest",
+        "InvalidArgument",
+        "EntityTooLarge",
+        "KMS.DisabledException",
+        "AuthorizationHeaderMalformed",
+    }
+)
+
+
+class S3Sink:
+    def __init__(self, config: SinkConfig) -> None:
+        self.bucket = config.bucket
+        self.endpoint = config.endpoint_url or "aws"
+        self._client = boto3.session.Session().client(
+            "s3",
+            region_name=config.region or None,
+            endpoint_url=config.endpoint_url or None,
+            config=botocore.config.Config(
+                retries={"max_attempts": 1, "mode": "standard"},
+                connect_timeout=config.connect_timeout_s,
+                read_timeout=config.read_timeout_s,
+                max_pool_connections=2,
+            ),
+        )
+
+    def describe(self) -> str:
+        return f"s3 bucket {self.bucket} at {self.endpoint}"
+
+    def put(self, key: str, body: bytes, content_encoding: str | None) -> None:
+        extra = {"ContentEncoding": content_encoding} if content_encoding else {}
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/x-ndjson", **extra)
+        except botocore.exceptions.ClientError as e:
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            message = f"s3://{self.bucket}/{key}: {code or status} {err.get('Message', '')}".rstrip()
+            if code in PERMANENT_CODES or (400 <= status < 500 and status not in (408, 429) and code not in ("RequestTimeout", "SlowDown", "Throttling", "RequestTimeTooSkewed")):
+                raise PermanentSinkError(message) from e
+            raise RetryableSinkError(message) from e
+        except botocore.exceptions.NoCredentialsError as e:
+            raise PermanentSinkError(f"s3://{self.bucket}/{key}: no AWS credentials found") from e
+        except (botocore.exceptions.BotoCoreError, OSError) as e:
+            # connection refused or reset, timeouts, DNS: the store may come back
+            raise RetryableSinkError(f"s3://{self.bucket}/{key}: {e}") from e

@@ -1,0 +1,102 @@
+"""Sinks: where finished objects go. The `Sink` protocol, the key layout, and the directory sink.
+
+Keys are `<prefix>/dt=YYYY-MM-DD/hour=HH/<segment>.ndjson[.gz]`, the date and hour in UTC. The
+segment is unique across hosts, processes and restarts: the time, the host name, the pid, a
+per-process counter and 64 random bits, so two objects never overwrite each other.
+
+The S3 sink lives in `s3sink.py`, the one module that imports boto3.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from .config import SinkConfig
+from .errors import PermanentSinkError, RetryableSinkError
+
+
+class Sink(Protocol):
+    def put(self, key: str, body: bytes, content_encoding: str | None) -> None:
+        """Store one object; raise RetryableSinkError or PermanentSinkError."""
+
+    def describe(self) -> str:
+        """Where objects go, for log lines."""
+
+
+def _safe_host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:63] or "host"
+
+
+class KeyMaker:
+    """Builds object keys; `unique` is injected in tests to make keys predictable."""
+
+    def __init__(self, prefix: str, compressed: bool, unique: Callable[[], str] | None = None) -> None:
+        self.prefix = prefix.strip("/")
+        self.suffix = ".ndjson.gz" if compressed else ".ndjson"
+        if unique is None:
+            host, pid, counter = _safe_host(), os.getpid(), itertools.count()
+            unique = lambda: f"{host}-{pid}-{next(counter)}-{secrets.token_hex(8)}"  # noqa: E731
+        self._unique = unique
+
+    def key(self, t: float) -> str:
+        g = time.gmtime(t)
+        stamp = time.strftime("%Y%m%dT%H%M%S", g) + f"{int(t * 1000) % 1000:03d}Z"
+        part = time.strftime("dt=%Y-%m-%d/hour=%H", g)
+        name = f"{part}/{stamp}-{self._unique()}{self.suffix}"
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+
+# errno values that will not heal by waiting: retrying them only delays the dead letter
+_PERMANENT_ERRNO = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+
+
+class DirectorySink:
+    """Objects as files under a root folder: written to a hidden temp file, then renamed."""
+
+    def __init__(self, root: str, fsync: bool = True) -> None:
+        self.root = os.path.abspath(root)
+        self.fsync = fsync
+
+    def describe(self) -> str:
+        return f"directory {self.root}"
+
+    def put(self, key: str, body: bytes, content_encoding: str | None) -> None:
+        path = os.path.join(self.root, *key.split("/"))
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(body)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            kind = PermanentSinkError if e.errno in _PERMANENT_ERRNO else RetryableSinkError
+            raise kind(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def build_sink(config: SinkConfig) -> Sink:
+    """Called inside each uploader process: every process owns its own client."""
+    if config.kind == "s3":
+        from .s3sink import S3Sink  # boto3 is imported only where it is used
+
+        return S3Sink(config)
+    return DirectorySink(config.path, fsync=config.fsync)

@@ -1,0 +1,156 @@
+"""The spool: everything acknowledged that is not yet in the sink, as files on local disk.
+
+Layout under `spool.path`:
+- `inflight/slot-N.rec`: what uploader slot N has taken off the queue and not yet uploaded.
+  Appended on every take, rewritten after every upload. A restarted uploader in the same slot
+  starts by loading it, which is how a killed uploader's batch is delivered again.
+- `overflow/*.rec`: items spilled at a drain that hit its deadline, and in-flight files of
+  slots that no longer exist. Adopted into slot files at the next start, or sent by `replay`.
+- `dead/*.rec` (+ `.why`): batches the sink refused for good. Sent by `ingestd replay`.
+- `.lock`: held (flock) by the running daemon, so two daemons never share a spool.
+
+Every file is a sequence of framed records (`records.py`); files appear by atomic rename.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import IO
+
+from .errors import SpoolLockedError
+from .records import Item, frame, read_records
+
+log = logging.getLogger(__name__)
+
+
+def _unique_name(suffix: str = ".rec") -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}-{secrets.token_hex(6)}{suffix}"
+
+
+def write_atomically(path: Path, data: bytes, fsync: bool = False) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+def read_file(path: Path) -> list[Item]:
+    try:
+        with open(path, "rb") as f:
+            return list(read_records(f))
+    except FileNotFoundError:
+        return []
+
+
+class Spool:
+    def __init__(self, root: str | os.PathLike[str], fsync: bool = False) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.inflight_dir = self.root / "inflight"
+        self.overflow_dir = self.root / "overflow"
+        self.dead_dir = self.root / "dead"
+        self._lock_file: IO[bytes] | None = None
+
+    def prepare(self) -> None:
+        for d in (self.inflight_dir, self.overflow_dir, self.dead_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- ownership ------------------------------------------------------------------------------
+    def lock(self, name: str = ".lock") -> None:
+        """Hold the spool for this process's lifetime (released by the kernel at any exit)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        f = open(self.root / name, "ab")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise SpoolLockedError(f"spool {self.root} is in use by another ingestd process") from None
+        self._lock_file = f
+
+    # -- in-flight files, one per uploader slot --------------------------------------------------
+    def slot_path(self, slot: int) -> Path:
+        return self.inflight_dir / f"slot-{slot}.rec"
+
+    def adopt_leftovers(self, slots: int) -> int:
+        """At start: hand overflow files and orphaned slot files to the live slots, round robin.
+
+        Appending before unlinking means a crash here duplicates, never loses. Returns the
+        number of payloads adopted.
+        """
+        sources = [p for p in sorted(self.overflow_dir.glob("*.rec"))]
+        for p in self.inflight_dir.glob("slot-*.rec"):
+            n = p.stem.removeprefix("slot-")
+            if not n.isdigit() or int(n) >= slots:
+                sources.append(p)
+        adopted = 0
+        for i, src in enumerate(sources):
+            items = read_file(src)
+            if items:
+                with open(self.slot_path(i % slots), "ab") as f:
+                    f.write(b"".join(frame(it) for it in items))
+                    if self.fsync:
+                        os.fsync(f.fileno())
+            adopted += sum(it.count for it in items)
+            src.unlink()
+            log.info("adopted %d payloads from %s into slot %d", sum(it.count for it in items), src, i % slots)
+        return adopted
+
+    # -- overflow and dead letters --------------------------------------------------------------
+    def write_overflow(self, items: Sequence[Item]) -> Path | None:
+        if not items:
+            return None
+        path = self.overflow_dir / _unique_name()
+        write_atomically(path, b"".join(frame(i) for i in items), fsync=True)
+        return path
+
+    def write_dead_letter(self, items: Sequence[Item], reason: str) -> Path:
+        path = self.dead_dir / _unique_name()
+        write_atomically(path.with_suffix(".why"), (reason + "\n").encode(), fsync=False)
+        write_atomically(path, b"".join(frame(i) for i in items), fsync=True)
+        return path
+
+    def replayable(self) -> Iterator[Path]:
+        """Dead letters and overflow, oldest first."""
+        for d in (self.dead_dir, self.overflow_dir):
+            yield from sorted(d.glob("*.rec"))
+
+    def remove(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        path.with_suffix(".why").unlink(missing_ok=True)
+
+
+class SlotFile:
+    """The in-flight file of one uploader slot: append on take, rewrite after upload."""
+
+    def __init__(self, path: Path, fsync: bool = False) -> None:
+        self.path = path
+        self.fsync = fsync
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def load(self) -> list[Item]:
+        return read_file(self.path)
+
+    def append(self, item: Item) -> None:
+        data = frame(item)
+        while data:
+            data = data[os.write(self._fd, data) :]
+        if self.fsync:
+            os.fdatasync(self._fd)
+
+    def rewrite(self, items: Iterable[Item]) -> None:
+        """Replace the file by exactly `items` (what is still pending), atomically."""
+        write_atomically(self.path, b"".join(frame(i) for i in items), fsync=self.fsync)
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def close(self) -> None:
+        os.close(self._fd)

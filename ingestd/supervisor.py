@@ -1,0 +1,357 @@
+"""The supervisor: owns the processes, the signals, the listener and the drain.
+
+Shaped like gunicorn's arbiter. Signal handlers only record the signal number and wake the
+control loop; the loop (`run`) handles signals, reaps uploaders and restarts them with
+backoff, kills an uploader whose heartbeat stopped, and pings systemd. An uploader that cannot
+even boot, too many times in a row, ends in FATAL and stops the daemon with a clear message
+instead of a restart storm.
+
+The Falcon app runs on waitress in a thread of this process. Waitress has no graceful-stop
+API, so the drain is ours: the intake flips to "draining" (ingest answers 503, `/health`
+answers 503 "draining", the listener stays up), one STOP sentinel per uploader goes on the
+queue behind everything accepted, the uploaders write what they hold and exit, and whatever
+could not be written by `shutdown.drain_timeout_s` stays in the spool for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.context import SpawnContext, SpawnProcess
+from queue import Full
+from typing import Any
+
+import waitress
+import waitress.server
+
+from . import __version__
+from .app import create_app
+from .board import Board, GlobalField, SlotField, now_ms
+from .config import Config, bearer_tokens, parse_listen
+from .errors import EXIT_OK, EXIT_STARTUP, EXIT_UPLOADER_BOOT, UPLOADER_EXIT_BOOT_FAILED, SpoolLockedError
+from .health import Health, WorkerView
+from .jobqueue import Intake, JobQueue
+from .records import STOP
+from .spool import Spool
+from .states import SlotState
+from .systemd import Notifier, watchdog_interval
+from .uploader import run_uploader
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.2
+STABLE_AFTER_S = 10.0  # an uploader that lived this long resets its crash backoff
+KILL_GRACE_S = 5.0  # after the drain deadline, how long uploaders get to leave before SIGKILL
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@dataclass
+class Slot:
+    index: int
+    state: SlotState = SlotState.STARTING
+    process: SpawnProcess | None = None
+    started_at: float = 0.0
+    restart_at: float = 0.0
+    restarts: int = 0
+    crashes_in_a_row: int = 0
+    boot_failures_in_a_row: int = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+
+class Supervisor:
+    def __init__(self, config: Config, environ: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.environ = dict(os.environ if environ is None else environ)
+        self.ctx: SpawnContext = multiprocessing.get_context("spawn")
+        self.spool = Spool(config.spool.path, fsync=config.spool.durability == "disk")
+        self.board = Board(self.ctx, config.workers.count)
+        self.queue = JobQueue(config.queue.max_items, ctx=self.ctx)
+        self.intake = Intake(self.queue, self.board, config.queue.max_items, config.queue.max_bytes)
+        self.slots = [Slot(i) for i in range(config.workers.count)]
+        self.health = Health(self.board, self.intake, config.queue.max_items, config.queue.max_bytes, self.worker_views)
+        self.notifier = Notifier.from_environ(self.environ)
+        self.signals: list[int] = []
+        self.server: Any = None
+        self.exit_code = EXIT_OK
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._drain_deadline: float | None = None
+        self._ready_sent = False
+
+    # -- views for health ----------------------------------------------------------------------
+    def worker_views(self) -> list[WorkerView]:
+        return [WorkerView(s.index, s.pid, s.alive, s.restarts, s.state.value) for s in self.slots]
+
+    # -- signals: record and wake, nothing else --------------------------------------------------
+    def _record_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+
+    def install_signals(self) -> None:
+        for w in (self._wake_r, self._wake_w):
+            w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self._record_signal)
+
+    # -- processes ------------------------------------------------------------------------------
+    def spawn_uploader(self, slot: Slot) -> None:
+        proc = self.ctx.Process(target=run_uploader, args=(slot.index, self.config, self.queue, self.board),
+                                name=f"ingestd-uploader-{slot.index}", daemon=False)
+        self.board.set(slot.index, SlotField.BOOTED_MS, 0)
+        self.board.beat(slot.index)
+        proc.start()
+        slot.process = proc
+        slot.state = SlotState.STARTING
+        slot.started_at = time.monotonic()
+        log.info("spawned uploader %d (pid %d)", slot.index, proc.pid)
+
+    def reap_uploaders(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            proc = slot.process
+            if proc is None or proc.is_alive():
+                continue
+            code = proc.exitcode
+            proc.join(0)
+            proc.close()
+            slot.process = None
+            if not self.queue.repair_after_death(self.board, slot.index):
+                log.error("uploader %d died while reading a message: rebuilding the queue", slot.index)
+                self.rebuild_queue()
+            if slot.state is SlotState.STOPPING and code == 0:
+                slot.state = SlotState.EXITED
+                log.info("uploader %d exited after draining", slot.index)
+                continue
+            self._schedule_restart(slot, code, now)
+
+    def _schedule_restart(self, slot: Slot, code: int | None, now: float) -> None:
+        booted = self.board.get(slot.index, SlotField.BOOTED_MS) > 0
+        if code == UPLOADER_EXIT_BOOT_FAILED and not booted:
+            slot.boot_failures_in_a_row += 1
+            if slot.boot_failures_in_a_row >= self.config.workers.boot_failures_fatal:
+                slot.state = SlotState.FATAL
+                log.critical("uploader %d failed to boot %d times in a row; giving up (see the errors above)",
+                             slot.index, slot.boot_failures_in_a_row)
+                return
+        else:
+            slot.boot_failures_in_a_row = 0
+        lived = now - slot.started_at
+        slot.crashes_in_a_row = 0 if lived >= STABLE_AFTER_S else slot.crashes_in_a_row + 1
+        delay = min(self.config.workers.restart_backoff_max_s, 0.1 * 2 ** max(0, slot.crashes_in_a_row - 1))
+        if slot.crashes_in_a_row == 0:
+            delay = 0.0
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        level = logging.INFO if code == 0 else logging.ERROR
+        log.log(level, "uploader %d (%s) stopped by %s after %.1fs; restarting in %.2fs",
+                slot.index, slot.state.value, how, lived, delay)
+        slot.state = SlotState.BACKOFF
+        slot.restart_at = now + delay
+
+    def restart_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.state is SlotState.BACKOFF and now >= slot.restart_at:
+                slot.restarts += 1
+                self.board.set(slot.index, SlotField.RESTARTS, slot.restarts)
+                self.spawn_uploader(slot)
+                if self._drain_deadline is not None:
+                    # it missed its STOP (or took it and died): give it one of its own
+                    self._send_stop(slot)
+
+    def check_uploaders(self) -> None:
+        """Mark booted uploaders running; kill those whose heartbeat stopped."""
+        limit_ms = int(self.config.workers.heartbeat_timeout_s * 1000)
+        now = now_ms()
+        for slot in self.slots:
+            if not slot.alive:
+                continue
+            if slot.state is SlotState.STARTING and self.board.get(slot.index, SlotField.BOOTED_MS):
+                slot.state = SlotState.RUNNING
+            silent = now - self.board.get(slot.index, SlotField.HEARTBEAT_MS)
+            if silent > limit_ms and slot.pid:
+                log.error("uploader %d (pid %d) silent for %.1fs: killing it", slot.index, slot.pid, silent / 1000)
+                os.kill(slot.pid, signal.SIGKILL)
+
+    def rebuild_queue(self) -> None:
+        """The pipe may be torn: stop every uploader, put the unread items on a new queue.
+
+        Each uploader's in-flight file keeps what it held, so its successor sends it again.
+        """
+        for slot in self.slots:
+            if slot.process is not None and slot.process.is_alive():
+                slot.process.kill()
+        for slot in self.slots:
+            if slot.process is not None:
+                slot.process.join(5)
+                slot.process.close()
+                slot.process = None
+            if slot.state not in (SlotState.FATAL, SlotState.EXITED):
+                slot.state = SlotState.BACKOFF
+                slot.restart_at = 0.0
+        self.board.gset(GlobalField.LOCK_STATE, 0)
+        old = self.queue
+        self.queue = JobQueue(self.config.queue.max_items, ctx=self.ctx)
+        n = self.intake.replace_queue(self.queue)
+        old.cancel_join_thread()
+        old.close()
+        log.warning("queue rebuilt with %d unread items", n)
+
+    # -- drain ------------------------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        if self._drain_deadline is not None:
+            # a second signal: do not wait for a failing sink any longer
+            self._drain_deadline = time.monotonic()
+            self.board.gset(GlobalField.DRAIN_DEADLINE_MS, now_ms())
+            log.warning("second stop signal: spilling what is left to the spool now")
+            return
+        timeout = self.config.shutdown.drain_timeout_s
+        self.intake.begin_drain()
+        self._drain_deadline = time.monotonic() + timeout
+        self.board.gset(GlobalField.DRAIN_DEADLINE_MS, now_ms() + int(timeout * 1000))
+        self.notifier.stopping("draining")
+        log.info("draining: new requests get 503; %d items queued; deadline in %.1fs", self.intake.depth(), timeout)
+        for slot in self.slots:
+            if slot.state in (SlotState.STARTING, SlotState.RUNNING):
+                self._send_stop(slot)
+
+    def _send_stop(self, slot: Slot) -> None:
+        """Queue one STOP behind everything accepted; the queue may be full, so wait for room."""
+        assert self._drain_deadline is not None
+        while True:
+            try:
+                self.queue.put(STOP, timeout=TICK_S)
+                slot.state = SlotState.STOPPING
+                return
+            except Full:
+                if time.monotonic() >= self._drain_deadline or not any(s.alive for s in self.slots):
+                    slot.state = SlotState.STOPPING
+                    return
+
+    def drain_done(self) -> bool:
+        assert self._drain_deadline is not None
+        if all(s.process is None and s.state in (SlotState.EXITED, SlotState.FATAL) for s in self.slots):
+            return True
+        if time.monotonic() < self._drain_deadline + KILL_GRACE_S:
+            return False
+        for slot in self.slots:
+            if slot.alive and slot.process is not None:
+                log.error("uploader %d still running %.0fs after the drain deadline: killing it",
+                          slot.index, KILL_GRACE_S)
+                slot.process.kill()
+                slot.process.join(5)
+        return True
+
+    def finish_drain(self) -> None:
+        """Spill what no uploader took; its items are already acknowledged."""
+        left = self.intake.unread()
+        if left:
+            path = self.spool.write_overflow(left)
+            log.warning("drain: %d payloads never left the queue; spilled to %s", sum(i.count for i in left), path)
+        self.queue.cancel_join_thread()
+        self.queue.close()
+        held = sum(self.board.get(s.index, SlotField.PENDING_PAYLOADS) for s in self.slots)
+        log.info("drained: %d payloads uploaded, %d stay in the spool for the next start",
+                 self.board.total(SlotField.UPLOADED_PAYLOADS), held + sum(i.count for i in left))
+
+    # -- the listener ------------------------------------------------------------------------------
+    def start_server(self) -> None:
+        h = self.config.http
+        host, port = parse_listen(h.listen)
+        app = create_app(self.config, self.intake, self.health, bearer_tokens(self.config.auth))
+        self.server = waitress.create_server(
+            app,
+            host=host,
+            port=port,
+            threads=h.threads,
+            connection_limit=h.connection_limit,
+            channel_timeout=h.channel_timeout_s,
+            # the app answers 413 in JSON for bodies up to 4x the limit; beyond, waitress refuses
+            # them itself without buffering them
+            max_request_body_size=h.max_body_bytes * 4,
+            asyncore_use_poll=True,
+            ident="ingestd",
+            expose_tracebacks=False,
+            backlog=2048,
+        )
+        thread = threading.Thread(target=self.server.run, name="waitress", daemon=True)
+        thread.start()
+        log.info("ingestd %s listening on http://%s:%s (%d uploaders, sink %s, durability %s)",
+                 __version__, self.server.effective_host, self.server.effective_port, len(self.slots),
+                 self.config.sink.kind, self.config.spool.durability)
+
+    # -- the control loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            self.spool.lock()
+        except SpoolLockedError as e:
+            log.critical("%s", e)
+            return EXIT_STARTUP
+        self.spool.prepare()
+        adopted = self.spool.adopt_leftovers(len(self.slots))
+        if adopted:
+            log.info("%d payloads from an earlier run will be delivered first", adopted)
+        self.install_signals()
+        try:
+            self.start_server()
+        except OSError as e:
+            log.critical("cannot listen on %s: %s", self.config.http.listen, e)
+            return EXIT_STARTUP
+        for slot in self.slots:
+            self.spawn_uploader(slot)
+        watchdog = watchdog_interval(self.environ)
+        last_ping = 0.0
+        while True:
+            self._sleep()
+            while self.signals:
+                self.handle_signal(self.signals.pop(0))
+            self.reap_uploaders()
+            self.restart_due()
+            self.check_uploaders()
+            self._trim_ledger()
+            if not self._ready_sent and all(s.state is SlotState.RUNNING for s in self.slots):
+                self._ready_sent = True
+                self.notifier.ready(f"ready: {len(self.slots)} uploaders")
+                log.info("ready: %d uploaders running", len(self.slots))
+            if any(s.state is SlotState.FATAL for s in self.slots) and self._drain_deadline is None:
+                self.exit_code = EXIT_UPLOADER_BOOT
+                self.begin_drain()
+            if watchdog and time.monotonic() - last_ping >= watchdog:
+                self.notifier.watchdog()
+                last_ping = time.monotonic()
+            if self._drain_deadline is not None and self.drain_done():
+                break
+        self.finish_drain()
+        self.notifier.status("stopped")
+        self.server.task_dispatcher.shutdown(timeout=1)
+        return self.exit_code
+
+    def handle_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            log.info("received %s", name)
+            self.begin_drain()
+        else:
+            log.info("received %s: ignored (restart to change the configuration)", name)
+
+    def _trim_ledger(self) -> None:
+        self.intake.depth()  # trims as a side effect, so an idle intake does not hold read items
+
+    def _sleep(self) -> None:
+        try:
+            select.select([self._wake_r], [], [], TICK_S)
+            self._wake_r.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            pass

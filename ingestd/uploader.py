@@ -1,0 +1,190 @@
+"""The uploader process: take items off the shared queue, batch them, write objects to the sink.
+
+`run_uploader` is the process target (module level, so the `spawn` start method can import it).
+Each process builds its own sink client inside the child. Its life:
+
+1. boot: build the sink, load the slot's in-flight file (what a previous occupant of the slot
+   held when it died or was spilled) into the batcher; a failure here exits with
+   UPLOADER_EXIT_BOOT_FAILED so the supervisor stops respawning.
+2. loop: take an item (logged to the in-flight file before the queue's lock is released),
+   write the batches that are full or old enough, rewrite the in-flight file to what is still
+   pending, heartbeat.
+3. on the STOP sentinel: write everything it holds and exit 0. When the drain deadline passes
+   with the sink still failing, it stops retrying and leaves its batches in the in-flight file:
+   the next start delivers them.
+
+Retryable sink errors are retried with exponential backoff and full jitter; while it retries,
+it takes nothing, so the bounded queue fills and the handlers answer 503: memory stays flat.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+from .batching import Batch, Batcher
+from .board import Board, GlobalField, SlotField, now_ms
+from .config import Config
+from .errors import UPLOADER_EXIT_BOOT_FAILED, PermanentSinkError, RetryableSinkError
+from .jobqueue import JobQueue
+from .logs import setup_logging
+from .records import Item
+from .sinks import KeyMaker, Sink, build_sink
+from .spool import SlotFile, Spool
+
+log = logging.getLogger(__name__)
+
+TAKE_TIMEOUT_S = 0.25  # longest wait on an empty queue: bounds heartbeat and age checks
+
+
+class DrainDeadline(Exception):
+    """The drain deadline passed while the sink was failing: leave the rest in the spool."""
+
+
+class Uploader:
+    def __init__(self, slot: int, config: Config, queue: JobQueue, board: Board, sink: Sink,
+                 slot_file: SlotFile, spool: Spool, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.slot = slot
+        self.config = config
+        self.queue = queue
+        self.board = board
+        self.sink = sink
+        self.slot_file = slot_file
+        self.spool = spool
+        self.clock = clock
+        self.sleep = sleep
+        b = config.batch
+        self.batcher = Batcher(b.max_payloads, b.max_bytes, b.max_age_ms / 1000.0, clock)
+        self.keys = KeyMaker(config.sink.prefix, b.compression == "gzip")
+        self.parent = os.getppid()
+
+    # -- life ---------------------------------------------------------------------------------
+    def load_inflight(self) -> int:
+        items = self.slot_file.load()
+        for item in items:
+            self.batcher.add(item)
+        n = sum(i.count for i in items)
+        self.board.set(self.slot, SlotField.PENDING_PAYLOADS, len(self.batcher))
+        return n
+
+    def _on_taken(self, item: Item) -> None:
+        if item.count:
+            self.slot_file.append(item)
+            self.board.add(self.slot, SlotField.TAKEN_ITEMS)
+            self.board.add(self.slot, SlotField.TAKEN_BYTES, len(item.lines))
+
+    def run(self) -> None:
+        stopping = False
+        while not stopping:
+            self.board.beat(self.slot)
+            due = self.batcher.due_at()
+            timeout = TAKE_TIMEOUT_S if due is None else min(TAKE_TIMEOUT_S, max(0.0, due - self.clock()))
+            item = self.queue.take(self.board, self.slot, timeout, self._on_taken)
+            if item is not None:
+                if item.seq < 0:
+                    stopping = True
+                else:
+                    self.batcher.add(item)
+            batches = self.batcher.take_all() if stopping else self.batcher.take_ready()
+            try:
+                self.deliver(batches)
+            except DrainDeadline:
+                log.warning("uploader %d: drain deadline passed with the sink failing; %d payloads stay in %s",
+                            self.slot, len(self.batcher) + sum(b.count for b in batches), self.slot_file.path)
+                return
+            if os.getppid() != self.parent:
+                log.error("uploader %d: supervisor is gone; writing what it holds and exiting", self.slot)
+                self.deliver(self.batcher.take_all())
+                return
+        log.info("uploader %d: drained, exiting", self.slot)
+
+    # -- delivery -----------------------------------------------------------------------------
+    def deliver(self, batches: list[Batch]) -> None:
+        if not batches:
+            return
+        for i, batch in enumerate(batches):
+            try:
+                self.upload(batch)
+            except DrainDeadline:
+                # put the unsent batches back so the in-flight file keeps them
+                for b in batches[i:]:
+                    for it in b.items:
+                        self.batcher.add(it)
+                self.slot_file.rewrite(self.batcher.pending())
+                raise
+        self.slot_file.rewrite(self.batcher.pending())
+        self.board.set(self.slot, SlotField.PENDING_PAYLOADS, len(self.batcher))
+
+    def upload(self, batch: Batch) -> None:
+        body = batch.body()
+        encoding = None
+        if self.config.batch.compression == "gzip":
+            body = gzip.compress(body, compresslevel=self.config.batch.gzip_level, mtime=0)
+            encoding = "gzip"
+        key = self.keys.key(batch.oldest)
+        sink_cfg = self.config.sink
+        attempt = 0
+        while True:
+            try:
+                self.sink.put(key, body, encoding)
+            except RetryableSinkError as e:
+                self.board.add(self.slot, SlotField.FAILED_UPLOADS)
+                self.board.set(self.slot, SlotField.LAST_FAIL_MS, now_ms())
+                cap = min(sink_cfg.retry_max_ms, sink_cfg.retry_base_ms * 2 ** min(attempt, 30)) / 1000.0
+                delay = random.uniform(0, cap)  # full jitter
+                attempt += 1
+                log.warning("uploader %d: upload of %s failed (attempt %d, %d payloads), retrying in %.2fs: %s",
+                            self.slot, key, attempt, batch.count, delay, e)
+                self._wait(delay)
+                continue
+            except PermanentSinkError as e:
+                self.board.add(self.slot, SlotField.FAILED_UPLOADS)
+                self.board.set(self.slot, SlotField.LAST_FAIL_MS, now_ms())
+                path = self.spool.write_dead_letter(batch.items, f"{key}: {e}")
+                self.board.add(self.slot, SlotField.DEAD_LETTERED_PAYLOADS, batch.count)
+                log.error("uploader %d: sink refused %s for good (%s); %d payloads dead-lettered to %s",
+                          self.slot, key, e, batch.count, path)
+                return
+            self.board.add(self.slot, SlotField.UPLOADED_PAYLOADS, batch.count)
+            self.board.add(self.slot, SlotField.UPLOADED_OBJECTS)
+            self.board.set(self.slot, SlotField.LAST_OK_MS, now_ms())
+            log.debug("uploader %d: wrote %s (%d payloads, %d bytes)", self.slot, key, batch.count, len(body))
+            return
+
+    def _wait(self, delay: float) -> None:
+        """Sleep between retries, heartbeating, and give up at the drain deadline."""
+        end = time.monotonic() + delay
+        while True:
+            self.board.beat(self.slot)
+            deadline = self.board.gget(GlobalField.DRAIN_DEADLINE_MS)
+            if deadline and now_ms() >= deadline:
+                raise DrainDeadline()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self.sleep(min(left, 0.2))
+
+
+def run_uploader(slot: int, config: Config, queue: JobQueue, board: Board) -> None:
+    """Process target of an uploader slot."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
+    setup_logging(config.log, process=f"uploader-{slot}")
+    try:
+        spool = Spool(config.spool.path, fsync=config.spool.durability == "disk")
+        slot_file = SlotFile(spool.slot_path(slot), fsync=spool.fsync)
+        uploader = Uploader(slot, config, queue, board, build_sink(config.sink), slot_file, spool)
+        loaded = uploader.load_inflight()
+    except Exception:
+        log.exception("uploader %d: cannot boot", slot)
+        sys.exit(UPLOADER_EXIT_BOOT_FAILED)
+    board.set(slot, SlotField.BOOTED_MS, now_ms())
+    log.info("uploader %d: started (pid %d, sink %s, %d payloads to deliver again)",
+             slot, os.getpid(), uploader.sink.describe(), loaded)
+    uploader.run()
