@@ -121,6 +121,10 @@ class SinkConfig:
 class SpoolConfig:
     path: str = _opt("./data/spool", "in-flight batches, dead letters, drain overflow, disk journal")
     durability: str = _opt("memory", "when a 202 is sent: memory (queued) | disk (journaled)", _one_of("memory", "disk"))
+    journal_fsync: str = _opt("interval", "disk durability: fdatasync always (before each 202) | interval | never",
+                              _one_of("always", "interval", "never"))
+    journal_fsync_interval_ms: int = _opt(1000, "disk durability, interval policy: longest time between fdatasyncs", _positive)
+    journal_segment_bytes: int = _opt(4194304, "disk durability: size at which a journal segment is closed", _positive)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from queue import Full
 from typing import Any
 
 from .board import PHASE_READING, PHASE_WAITING, Board, GlobalField
+from .journal import Journal
 from .records import Item
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class Intake:
     """
 
     def __init__(self, queue: JobQueue, board: Board, max_items: int, max_bytes: int,
-                 journal: Callable[[Item], None] | None = None) -> None:
+                 journal: Journal | None = None) -> None:
         self.queue = queue
         self.board = board
         self.max_items = max_items
@@ -108,12 +109,17 @@ class Intake:
         self._seq = 0
         self._draining = False
 
+    def attach_journal(self, journal: Journal) -> None:
+        with self._lock:
+            self._journal = journal
+
     @property
     def draining(self) -> bool:
         return self._draining
 
     def submit(self, received_at: float, count: int, lines: bytes) -> Admission:
         board = self.board
+        written = 0
         with self._lock:
             if self._draining:
                 return Admission.DRAINING
@@ -126,13 +132,15 @@ class Intake:
             self._seq += 1
             item = Item(self._seq, received_at, count, lines)
             if self._journal is not None:
-                self._journal(item)
+                written = self._journal.append(item)
             self.queue.put_nowait(item)
             self._ledger.append(item)
             self._trim()
             board.gadd(GlobalField.PUT_BYTES, len(lines))
             board.gadd(GlobalField.ACCEPTED_REQUESTS)
             board.gadd(GlobalField.ACCEPTED_PAYLOADS, count)
+        if self._journal is not None:
+            self._journal.commit(written)  # outside the lock: threads share one fdatasync
         return Admission.ACCEPTED
 
     def count_rejection(self) -> None:

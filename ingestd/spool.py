@@ -6,6 +6,7 @@ Layout under `spool.path`:
   starts by loading it, which is how a killed uploader's batch is delivered again.
 - `overflow/*.rec`: items spilled at a drain that hit its deadline, and in-flight files of
   slots that no longer exist. Adopted into slot files at the next start, or sent by `replay`.
+- `journal/*.rec`: the disk journal (`journal.py`), with `spool.durability = "disk"`.
 - `dead/*.rec` (+ `.why`): batches the sink refused for good. Sent by `ingestd replay`.
 - `.lock`: held (flock) by the running daemon, so two daemons never share a spool.
 
@@ -58,10 +59,11 @@ class Spool:
         self.inflight_dir = self.root / "inflight"
         self.overflow_dir = self.root / "overflow"
         self.dead_dir = self.root / "dead"
+        self.journal_dir = self.root / "journal"
         self._lock_file: IO[bytes] | None = None
 
     def prepare(self) -> None:
-        for d in (self.inflight_dir, self.overflow_dir, self.dead_dir):
+        for d in (self.inflight_dir, self.overflow_dir, self.dead_dir, self.journal_dir):
             d.mkdir(parents=True, exist_ok=True)
 
     # -- ownership ------------------------------------------------------------------------------
@@ -81,12 +83,13 @@ class Spool:
         return self.inflight_dir / f"slot-{slot}.rec"
 
     def adopt_leftovers(self, slots: int) -> int:
-        """At start: hand overflow files and orphaned slot files to the live slots, round robin.
+        """At start: hand overflow files, journal segments of an earlier run and orphaned slot
+        files to the live slots, round robin.
 
         Appending before unlinking means a crash here duplicates, never loses. Returns the
         number of payloads adopted.
         """
-        sources = [p for p in sorted(self.overflow_dir.glob("*.rec"))]
+        sources = sorted(self.overflow_dir.glob("*.rec")) + sorted(self.journal_dir.glob("*.rec"))
         for p in self.inflight_dir.glob("slot-*.rec"):
             n = p.stem.removeprefix("slot-")
             if not n.isdigit() or int(n) >= slots:

@@ -38,6 +38,7 @@ from .config import Config, bearer_tokens, parse_listen
 from .errors import EXIT_OK, EXIT_STARTUP, EXIT_UPLOADER_BOOT, UPLOADER_EXIT_BOOT_FAILED, SpoolLockedError
 from .health import Health, WorkerView
 from .jobqueue import Intake, JobQueue
+from .journal import Journal
 from .records import STOP
 from .spool import Spool
 from .states import SlotState
@@ -80,6 +81,7 @@ class Supervisor:
         self.spool = Spool(config.spool.path, fsync=config.spool.durability == "disk")
         self.board = Board(self.ctx, config.workers.count)
         self.queue = JobQueue(config.queue.max_items, ctx=self.ctx)
+        self.journal: Journal | None = None  # opened in run(), once the spool is ours
         self.intake = Intake(self.queue, self.board, config.queue.max_items, config.queue.max_bytes)
         self.slots = [Slot(i) for i in range(config.workers.count)]
         self.health = Health(self.board, self.intake, config.queue.max_items, config.queue.max_bytes, self.worker_views)
@@ -262,6 +264,8 @@ class Supervisor:
             log.warning("drain: %d payloads never left the queue; spilled to %s", sum(i.count for i in left), path)
         self.queue.cancel_join_thread()
         self.queue.close()
+        if self.journal is not None:
+            self.journal.close()  # everything it held is now in the sink or in the spool
         held = sum(self.board.get(s.index, SlotField.PENDING_PAYLOADS) for s in self.slots)
         log.info("drained: %d payloads uploaded, %d stay in the spool for the next start",
                  self.board.total(SlotField.UPLOADED_PAYLOADS), held + sum(i.count for i in left))
@@ -303,6 +307,10 @@ class Supervisor:
         adopted = self.spool.adopt_leftovers(len(self.slots))
         if adopted:
             log.info("%d payloads from an earlier run will be delivered first", adopted)
+        sp = self.config.spool
+        if sp.durability == "disk":
+            self.journal = Journal(self.spool.journal_dir, sp.journal_fsync, sp.journal_segment_bytes)
+            self.intake.attach_journal(self.journal)
         self.install_signals()
         try:
             self.start_server()
@@ -312,7 +320,7 @@ class Supervisor:
         for slot in self.slots:
             self.spawn_uploader(slot)
         watchdog = watchdog_interval(self.environ)
-        last_ping = 0.0
+        last_ping = last_sync = 0.0
         while True:
             self._sleep()
             while self.signals:
@@ -321,6 +329,11 @@ class Supervisor:
             self.restart_due()
             self.check_uploaders()
             self._trim_ledger()
+            if self.journal is not None:
+                if time.monotonic() - last_sync >= self.config.spool.journal_fsync_interval_ms / 1000:
+                    self.journal.sync()
+                    last_sync = time.monotonic()
+                self.journal.retire(self.board.gget(GlobalField.CURSOR))
             if not self._ready_sent and all(s.state is SlotState.RUNNING for s in self.slots):
                 self._ready_sent = True
                 self.notifier.ready(f"ready: {len(self.slots)} uploaders")

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from .batching import Batch, Batcher
 from .board import Board, GlobalField, SlotField, now_ms
-from .config import Config
+from .config import BatchConfig, Config
 from .errors import UPLOADER_EXIT_BOOT_FAILED, PermanentSinkError, RetryableSinkError
 from .jobqueue import JobQueue
 from .logs import setup_logging
@@ -47,9 +47,17 @@ class DrainDeadline(Exception):
     """The drain deadline passed while the sink was failing: leave the rest in the spool."""
 
 
+def encode_object(batch: Batch, config: BatchConfig, keys: KeyMaker) -> tuple[str, bytes, str | None]:
+    """Key, body and Content-Encoding of the object that stores `batch`."""
+    body = batch.body()
+    if config.compression == "gzip":
+        return keys.key(batch.oldest), gzip.compress(body, compresslevel=config.gzip_level, mtime=0), "gzip"
+    return keys.key(batch.oldest), body, None
+
+
 class Uploader:
-    def __init__(self, slot: int, config: Config, queue: JobQueue, board: Board, sink: Sink,
-                 slot_file: SlotFile, spool: Spool, clock: Callable[[], float] = time.time,
+    def __init__(self, slot: int, config: Config, queue: JobQueue | None, board: Board, sink: Sink,
+                 slot_file: SlotFile | None, spool: Spool, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.slot = slot
         self.config = config
@@ -67,6 +75,7 @@ class Uploader:
 
     # -- life ---------------------------------------------------------------------------------
     def load_inflight(self) -> int:
+        assert self.slot_file is not None
         items = self.slot_file.load()
         for item in items:
             self.batcher.add(item)
@@ -75,12 +84,14 @@ class Uploader:
         return n
 
     def _on_taken(self, item: Item) -> None:
+        assert self.slot_file is not None
         if item.count:
             self.slot_file.append(item)
             self.board.add(self.slot, SlotField.TAKEN_ITEMS)
             self.board.add(self.slot, SlotField.TAKEN_BYTES, len(item.lines))
 
     def run(self) -> None:
+        assert self.queue is not None and self.slot_file is not None
         stopping = False
         while not stopping:
             self.board.beat(self.slot)
@@ -107,6 +118,7 @@ class Uploader:
 
     # -- delivery -----------------------------------------------------------------------------
     def deliver(self, batches: list[Batch]) -> None:
+        assert self.slot_file is not None
         if not batches:
             return
         for i, batch in enumerate(batches):
@@ -123,12 +135,22 @@ class Uploader:
         self.board.set(self.slot, SlotField.PENDING_PAYLOADS, len(self.batcher))
 
     def upload(self, batch: Batch) -> None:
-        body = batch.body()
-        encoding = None
-        if self.config.batch.compression == "gzip":
-            body = gzip.compress(body, compresslevel=self.config.batch.gzip_level, mtime=0)
-            encoding = "gzip"
-        key = self.keys.key(batch.oldest)
+        """Write one batch; a permanent refusal sends it to the dead-letter spool instead."""
+        key, body, encoding = encode_object(batch, self.config.batch, self.keys)
+        try:
+            self.put_with_retry(key, body, encoding, batch.count)
+        except PermanentSinkError as e:
+            path = self.spool.write_dead_letter(batch.items, f"{key}: {e}")
+            self.board.add(self.slot, SlotField.DEAD_LETTERED_PAYLOADS, batch.count)
+            log.error("uploader %d: sink refused %s for good (%s); %d payloads dead-lettered to %s",
+                      self.slot, key, e, batch.count, path)
+            return
+        self.board.add(self.slot, SlotField.UPLOADED_PAYLOADS, batch.count)
+        self.board.add(self.slot, SlotField.UPLOADED_OBJECTS)
+        log.debug("uploader %d: wrote %s (%d payloads, %d bytes)", self.slot, key, batch.count, len(body))
+
+    def put_with_retry(self, key: str, body: bytes, encoding: str | None, count: int) -> None:
+        """Retry retryable errors with exponential backoff and full jitter, until the drain deadline."""
         sink_cfg = self.config.sink
         attempt = 0
         while True:
@@ -138,24 +160,17 @@ class Uploader:
                 self.board.add(self.slot, SlotField.FAILED_UPLOADS)
                 self.board.set(self.slot, SlotField.LAST_FAIL_MS, now_ms())
                 cap = min(sink_cfg.retry_max_ms, sink_cfg.retry_base_ms * 2 ** min(attempt, 30)) / 1000.0
-                delay = random.uniform(0, cap)  # full jitter
+                delay = random.uniform(0, cap)
                 attempt += 1
                 log.warning("uploader %d: upload of %s failed (attempt %d, %d payloads), retrying in %.2fs: %s",
-                            self.slot, key, attempt, batch.count, delay, e)
+                            self.slot, key, attempt, count, delay, e)
                 self._wait(delay)
                 continue
-            except PermanentSinkError as e:
+            except PermanentSinkError:
                 self.board.add(self.slot, SlotField.FAILED_UPLOADS)
                 self.board.set(self.slot, SlotField.LAST_FAIL_MS, now_ms())
-                path = self.spool.write_dead_letter(batch.items, f"{key}: {e}")
-                self.board.add(self.slot, SlotField.DEAD_LETTERED_PAYLOADS, batch.count)
-                log.error("uploader %d: sink refused %s for good (%s); %d payloads dead-lettered to %s",
-                          self.slot, key, e, batch.count, path)
-                return
-            self.board.add(self.slot, SlotField.UPLOADED_PAYLOADS, batch.count)
-            self.board.add(self.slot, SlotField.UPLOADED_OBJECTS)
+                raise
             self.board.set(self.slot, SlotField.LAST_OK_MS, now_ms())
-            log.debug("uploader %d: wrote %s (%d payloads, %d bytes)", self.slot, key, batch.count, len(body))
             return
 
     def _wait(self, delay: float) -> None:
@@ -178,7 +193,9 @@ def run_uploader(slot: int, config: Config, queue: JobQueue, board: Board) -> No
     setup_logging(config.log, process=f"uploader-{slot}")
     try:
         spool = Spool(config.spool.path, fsync=config.spool.durability == "disk")
-        slot_file = SlotFile(spool.slot_path(slot), fsync=spool.fsync)
+        # the in-flight file takes over from the journal: as durable as the journal's policy
+        always = config.spool.durability == "disk" and config.spool.journal_fsync == "always"
+        slot_file = SlotFile(spool.slot_path(slot), fsync=always)
         uploader = Uploader(slot, config, queue, board, build_sink(config.sink), slot_file, spool)
         loaded = uploader.load_inflight()
     except Exception:

@@ -1,0 +1,290 @@
+"""Test harness shared by the integration tests: real ingestd processes, moto's S3 server, readers.
+
+Conventions (STYLE.md, 8 and 9): bind port 0 and read the bound port from the daemon's log,
+poll readiness against a deadline (never a fixed sleep), always kill the process group in
+`finally`, and reach S3 over real HTTP through moto's ThreadedMotoServer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import requests
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+LISTEN_RE = re.compile(rb"listening on http://([^:]+):(\d+)")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `predicate` until it returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def toml_dump(tables: dict[str, dict[str, Any]]) -> str:
+    out = []
+    for name, table in tables.items():
+        out.append(f"[{name}]")
+        for key, value in table.items():
+            if isinstance(value, bool):
+                v = "true" if value else "false"
+            elif isinstance(value, str):
+                v = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            elif isinstance(value, list | tuple):
+                v = "[" + ", ".join('"' + str(x) + '"' for x in value) + "]"
+            else:
+                v = repr(value)
+            out.append(f"{key} = {v}")
+        out.append("")
+    return "\n".join(out)
+
+
+def merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    out = {k: dict(v) for k, v in base.items()}
+    for k, v in (extra or {}).items():
+        out.setdefault(k, {}).update(v)
+    return out
+
+
+class Daemon:
+    """One real `ingestd` process in its own process group."""
+
+    def __init__(self, workdir: Path, tables: dict[str, dict[str, Any]], env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.config_path = workdir / "config.toml"
+        self.config_path.write_text(toml_dump(tables))
+        self.log_path = workdir / f"ingestd-{time.monotonic_ns()}.log"
+        self.env = {**os.environ, **AWS_ENV, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0, ready: bool = True) -> Daemon:
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ingestd", "--config", str(self.config_path)],
+            cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+
+        def bound() -> int | None:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"ingestd exited with {self.proc.returncode}:\n{self.log()}")
+            m = LISTEN_RE.search(self.log_path.read_bytes())
+            return int(m.group(2)) if m else None
+
+        self.port = wait_for(bound, timeout, "ingestd to listen")
+        if ready:
+            wait_for(self.is_ready, timeout, "ingestd to become ready")
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            return requests.get(self.url + "/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def health(self) -> dict[str, Any]:
+        return requests.get(self.url + "/health", timeout=5).json()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill_group(self) -> None:
+        """SIGKILL the whole process group (supervisor and uploaders)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def uploader_pids(self) -> list[int]:
+        return [w["pid"] for w in self.health()["workers"] if w["alive"]]
+
+
+def post(url: str, body: bytes | dict[str, Any], headers: dict[str, str] | None = None,
+         timeout: float = 10.0) -> requests.Response:
+    data = orjson.dumps(body) if isinstance(body, dict) else body
+    h = {"Content-Type": "application/json", **(headers or {})}
+    return requests.post(url + "/v1/payloads", data=data, headers=h, timeout=timeout)
+
+
+def parse_object(body: bytes, key: str) -> list[dict[str, Any]]:
+    if key.endswith(".gz"):
+        body = gzip.decompress(body)
+    return [orjson.loads(line) for line in body.splitlines() if line]
+
+
+def read_directory_sink(root: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every finished object under `root`: key -> envelope lines."""
+    out = {}
+    for path in sorted(root.rglob("*.ndjson*")):
+        if path.name.startswith("."):
+            continue
+        key = path.relative_to(root).as_posix()
+        out[key] = parse_object(path.read_bytes(), key)
+    return out
+
+
+def read_bucket(client: Any, bucket: str, prefix: str = "") -> dict[str, list[dict[str, Any]]]:
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            out[obj["Key"]] = parse_object(body, obj["Key"])
+    return out
+
+
+def payload_ids(objects: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The `id` of every stored payload, in storage order (duplicates kept)."""
+    return [line["payload"]["id"] for lines in objects.values() for line in lines]
+
+
+def iter_ids(prefix: str, n: int) -> Iterator[str]:
+    return (f"{prefix}-{i}" for i in range(n))
+
+
+# -- added for the pipeline and HTTP-error tests ---------------------------------------------------
+
+RECEIVED_AT_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def ingestd_command() -> list[str]:
+    """The installed `ingestd` console script of this interpreter's environment."""
+    script = Path(sys.executable).with_name("ingestd")
+    assert script.exists(), f"no ingestd console script next to {sys.executable}"
+    return [str(script)]
+
+
+def decoded_body(body: bytes, key: str) -> bytes:
+    return gzip.decompress(body) if key.endswith(".gz") else body
+
+
+def read_directory_raw(root: Path) -> dict[str, bytes]:
+    """Every finished object under `root`: key -> uncompressed body."""
+    out = {}
+    for path in sorted(root.rglob("*.ndjson*")):
+        if path.name.startswith("."):
+            continue
+        key = path.relative_to(root).as_posix()
+        out[key] = decoded_body(path.read_bytes(), key)
+    return out
+
+
+def read_bucket_raw(client: Any, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    """Every object of `bucket`: key -> uncompressed body."""
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            out[obj["Key"]] = decoded_body(body, obj["Key"])
+    return out
+
+
+def hidden_files(root: Path) -> list[Path]:
+    """Dot files and *.tmp files anywhere under `root` (leftovers of unfinished writes)."""
+    if not root.exists():
+        return []
+    return [p for p in root.rglob("*") if p.is_file() and (p.name.startswith(".") or p.name.endswith(".tmp"))]
+
+
+def spool_lines(spool_root: Path, *subdirs: str) -> list[dict[str, Any]]:
+    """Envelope lines of every record in the spool's `subdirs` (default: inflight and overflow)."""
+    from ingestd.spool import read_file  # the reader of the daemon's own framing
+
+    out: list[dict[str, Any]] = []
+    for sub in subdirs or ("inflight", "overflow"):
+        for path in sorted((spool_root / sub).glob("*.rec")):
+            for item in read_file(path):
+                lines = [orjson.loads(ln) for ln in item.lines.splitlines() if ln]
+                assert len(lines) == item.count, f"{path}: record says {item.count} payloads, holds {len(lines)}"
+                out += lines
+    return out
+
+
+class StalledServer:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers: a sink that hangs.
+
+    Connections are held open until `close()` so the client sees a read timeout, not a reset.
+    """
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(128)
+        self._sock.settimeout(0.1)
+        self.port = self._sock.getsockname()[1]
+        self.accepted = 0
+        self._held: list[Any] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="stalled-sink", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._held.append(conn)
+            self.accepted += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self._held:
+            conn.close()
+        self._sock.close()
+
+    def __enter__(self) -> StalledServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
