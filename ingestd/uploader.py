@@ -103,6 +103,7 @@ class Uploader:
                     stopping = True
                 else:
                     self.batcher.add(item)
+                    self.board.set(self.slot, SlotField.PENDING_PAYLOADS, len(self.batcher))
             batches = self.batcher.take_all() if stopping else self.batcher.take_ready()
             try:
                 self.deliver(batches)
