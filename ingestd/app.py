@@ -20,7 +20,8 @@ import orjson
 from .config import Config
 from .health import Health, render_metrics
 from .jobqueue import Admission, Intake
-from .records import encode_lines
+from .openapi import document
+from .records import encode_lines, exact_dumps
 from .validation import Limits, Rejection, decode_collection
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,10 @@ class PayloadsResource:
         body = req.bounded_stream.read(limits.max_body_bytes + 1)
         collection = decode_collection(req.content_type, req.get_header("Content-Encoding"), body, limits)
         now = self.clock()
-        lines = encode_lines(now, collection.version, collection.payloads)
+        if collection.exact:
+            lines = encode_lines(now, collection.version, collection.payloads, exact_dumps)
+        else:
+            lines = encode_lines(now, collection.version, collection.payloads)
         count = len(collection.payloads)
         admission = self.intake.submit(now, count, lines)
         if admission is Admission.ACCEPTED:
@@ -109,6 +113,15 @@ class MetricsResource:
         resp.data = render_metrics(self.health.snapshot())
 
 
+class OpenApiResource:
+    def __init__(self, config: Config) -> None:
+        self.body = orjson.dumps(document(config))
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = JSON
+        resp.data = self.body
+
+
 def create_app(config: Config, intake: Intake, health: Health, tokens: tuple[str, ...] = (),
                clock: Callable[[], float] = time.time) -> falcon.App:
     app = falcon.App(media_type=JSON)
@@ -138,4 +151,5 @@ def create_app(config: Config, intake: Intake, health: Health, tokens: tuple[str
     app.add_route("/health/live", health_resource, suffix="live")
     app.add_route("/health/ready", health_resource, suffix="ready")
     app.add_route("/metrics", MetricsResource(health))
+    app.add_route("/openapi.json", OpenApiResource(config))
     return app

@@ -7,6 +7,8 @@ names the problem. The HTTP layer maps `Rejection` to a response in one place.
 
 from __future__ import annotations
 
+import json
+import re
 import zlib
 from typing import Any, NamedTuple
 
@@ -14,6 +16,10 @@ import orjson
 
 JSON_TYPES = frozenset({"application/json"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson"})
+# orjson turns integers beyond 64 bits into floats without a word. A run of 20+ digits (19
+# after a minus) is the only way to write one, so only bodies holding such a run are parsed a
+# second time, by the standard library, which keeps every integer exact.
+_LONG_DIGITS = re.compile(rb"-\d{19,}|\d{20,}")
 
 
 class Rejection(Exception):
@@ -35,6 +41,7 @@ class Limits(NamedTuple):
 class Collection(NamedTuple):
     version: str | None
     payloads: list[dict[str, Any]]
+    exact: bool = False  # parsed by the standard library: serialize with it too (big integers)
 
 
 def bad_request(description: str) -> Rejection:
@@ -91,15 +98,24 @@ def decode_body(body: bytes, content_encoding: str | None, limits: Limits) -> by
     return b"".join(out)
 
 
-def _loads(raw: bytes | memoryview, what: str) -> Any:
+Loads = Any  # orjson.loads or json.loads
+
+
+def _loads(raw: bytes | memoryview, what: str, loads: Loads = orjson.loads) -> Any:
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
+        return loads(raw)
+    except orjson.JSONDecodeError as e:  # a ValueError, like json's
+        raise bad_request(f"{what} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
         raise bad_request(f"{what} is not valid JSON: {e}") from None
 
 
-def parse_json(body: bytes, limits: Limits) -> Collection:
-    doc = _loads(body, "body")
+def _exact_loads(raw: bytes | memoryview) -> Any:
+    return json.loads(bytes(raw))
+
+
+def parse_json(body: bytes, limits: Limits, loads: Loads = orjson.loads) -> Collection:
+    doc = _loads(body, "body", loads)
     if not isinstance(doc, dict):
         raise bad_request("body must be a JSON object with a \"data\" array")
     version = doc.get("version")
@@ -122,7 +138,7 @@ def parse_json(body: bytes, limits: Limits) -> Collection:
     return Collection(version, data)
 
 
-def parse_ndjson(body: bytes, limits: Limits) -> Collection:
+def parse_ndjson(body: bytes, limits: Limits, loads: Loads = orjson.loads) -> Collection:
     payloads: list[dict[str, Any]] = []
     view = memoryview(body)
     start = 0
@@ -136,7 +152,7 @@ def parse_ndjson(body: bytes, limits: Limits) -> Collection:
         start = stop + 1
         if not bytes(line).strip():
             continue
-        payload = _loads(line, f"line {line_no}")
+        payload = _loads(line, f"line {line_no}", loads)
         if type(payload) is not dict:
             raise bad_request(f"line {line_no} is not a JSON object")
         payloads.append(payload)
@@ -159,4 +175,8 @@ def decode_collection(
     decoded = decode_body(body, content_encoding, limits)
     if not decoded:
         raise bad_request("decoded body is empty")
-    return parse_json(decoded, limits) if kind == "json" else parse_ndjson(decoded, limits)
+    parse = parse_json if kind == "json" else parse_ndjson
+    collection = parse(decoded, limits)
+    if _LONG_DIGITS.search(decoded):
+        collection = parse(decoded, limits, _exact_loads)._replace(exact=True)
+    return collection
