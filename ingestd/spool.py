@@ -134,9 +134,23 @@ class Spool:
 class SlotFile:
     """The in-flight file of one uploader slot: append on take, rewrite after upload."""
 
-    def __init__(self, path: Path, fsync: bool = False) -> None:
+    def __init__(self, path: Path, fsync: bool = False, lock_timeout_s: float = 30.0) -> None:
         self.path = path
         self.fsync = fsync
+        # The slot is owned through a lock on a companion file (the .rec file itself is replaced
+        # by rename). An orphan of a killed supervisor may still be flushing this slot: wait
+        # for it, or two processes would rewrite one file and lose items.
+        self._lock_fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + lock_timeout_s
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(self._lock_fd)
+                    raise SpoolLockedError(f"{path} is held by another process") from None
+                time.sleep(0.1)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def load(self) -> list[Item]:
@@ -157,3 +171,4 @@ class SlotFile:
 
     def close(self) -> None:
         os.close(self._fd)
+        os.close(self._lock_fd)

@@ -41,6 +41,7 @@ from .spool import SlotFile, Spool
 log = logging.getLogger(__name__)
 
 TAKE_TIMEOUT_S = 0.25  # longest wait on an empty queue: bounds heartbeat and age checks
+ORPHAN_GRACE_MS = 10_000  # an orphaned uploader's last attempt to write what it holds
 
 
 class DrainDeadline(Exception):
@@ -112,8 +113,14 @@ class Uploader:
                             self.slot, len(self.batcher) + sum(b.count for b in batches), self.slot_file.path)
                 return
             if os.getppid() != self.parent:
+                # orphaned (the supervisor was killed): try for a while, then leave the rest in
+                # the in-flight file, which the next daemon's uploader in this slot picks up
                 log.error("uploader %d: supervisor is gone; writing what it holds and exiting", self.slot)
-                self.deliver(self.batcher.take_all())
+                self.board.gset(GlobalField.DRAIN_DEADLINE_MS, now_ms() + ORPHAN_GRACE_MS)
+                try:
+                    self.deliver(self.batcher.take_all())
+                except DrainDeadline:
+                    pass
                 return
         log.info("uploader %d: drained, exiting", self.slot)
 

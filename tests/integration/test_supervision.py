@@ -67,7 +67,7 @@ def check_delivery(load: Load, stored: list[str]) -> dict[str, int]:
 
 def test_sigkill_uploaders_under_load_loses_nothing(daemon_factory, s3_tables, s3, bucket, tmp_path):
     d = daemon_factory({**s3_tables, "workers": {"count": 2}, "batch": {"max_payloads": 100, "max_age_ms": 100}}).start()
-    load = Load(d.url, threads=3, requests_per_thread=400, payloads=5).start()
+    load = Load(d.url, threads=3, requests_per_thread=250, payloads=5).start()
     kills = 0
     try:
         for _ in range(6):  # kill an uploader, wait for its successor, again
@@ -168,3 +168,26 @@ def test_health_and_metrics_agree(daemon_factory):
     assert requests.get(d.url + "/health/ready", timeout=5).status_code == 200
     d.signal(signal.SIGTERM)
     assert d.wait(30) == 0
+
+
+def test_supervisor_sigkill_orphans_flush_and_restart_on_same_port_loses_nothing(daemon_factory, tmp_path):
+    """SIGKILL of the supervisor alone: its uploaders notice, write what they hold and exit; a
+    new daemon started at once on the same port and spool waits for them slot by slot."""
+    d = daemon_factory({"batch": {"max_age_ms": 60000, "max_payloads": 1000}}).start()
+    ids = [f"orphan-{i}" for i in range(40)]
+    for i in range(0, 40, 4):
+        assert requests.post(d.url + "/v1/payloads", json={"data": [{"id": x} for x in ids[i:i + 4]]},
+                             timeout=10).status_code == 202
+    wait_for(lambda: sum(w["pending_payloads"] for w in d.health()["workers"]) == 40, 10, "uploaders to take all")
+    orphans = d.uploader_pids()
+    d.signal(signal.SIGKILL)
+    d.wait(10)
+    d2 = daemon_factory({"http": {"listen": f"127.0.0.1:{d.port}"}}).start()
+    assert d2.port == d.port
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in orphans), 30, "orphans to exit")
+    wait_for(lambda: len(payload_ids(read_directory_sink(tmp_path / "objects"))) >= 40, 30, "delivery")
+    d2.signal(signal.SIGTERM)
+    assert d2.wait(30) == 0
+    counts = Counter(payload_ids(read_directory_sink(tmp_path / "objects")))
+    assert set(counts) == set(ids)
+    print("supervisor-kill: acknowledged=40 landed=%d duplicates=%d" % (len(counts), sum(counts.values()) - len(counts)))
