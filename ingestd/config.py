@@ -51,6 +51,9 @@ def _gzip_level(v: Any) -> str | None:
     return None if 1 <= v <= 9 else "must be between 1 and 9"
 
 
+DECODED_CAP = 256 * 1024 * 1024
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """Split "host:port" (or "[v6]:port") into its parts; port 0 asks the kernel for a free one."""
     host, sep, port = value.rpartition(":")
@@ -64,13 +67,18 @@ class HttpConfig:
     listen: str = _opt("127.0.0.1:8080", "address and port to listen on (port 0: any free port)", _listen)
     max_body_bytes: int = _opt(1048576, "largest request body accepted, as sent (before gzip decoding)", _positive)
     max_decoded_bytes: int = _opt(
-        4194304, "largest request body after gzip decoding; enforced while decoding", _positive
+        0, "largest request body after gzip decoding, enforced while decoding; 0: 4 x max_body_bytes", _non_negative
     )
     max_payloads: int = _opt(10000, "most payloads accepted in one request", _positive)
     threads: int = _opt(8, "waitress worker threads that run the request handler", _positive)
     connection_limit: int = _opt(1000, "most open client connections; more wait in the listen backlog", _positive)
     channel_timeout_s: int = _opt(30, "close a client connection idle (or stalled mid-body) this long", _positive)
     retry_after_s: int = _opt(1, "value of Retry-After on 503 answers", _positive)
+
+    def __post_init__(self) -> None:
+        if self.max_decoded_bytes == 0:  # derived default: a few times the raw limit, far below 1 GiB
+            derived = min(4 * self.max_body_bytes, max(DECODED_CAP, self.max_body_bytes))
+            object.__setattr__(self, "max_decoded_bytes", derived)
 
 
 @dataclass(frozen=True)
