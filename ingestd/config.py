@@ -8,6 +8,7 @@ one table of settings). Each field carries a one-line `help` used by `check-conf
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -266,7 +267,8 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # JSON's string escapes are TOML's basic-string escapes; DEL must be escaped in TOML too
+        return json.dumps(v).replace("\x7f", "\\u007f")
     if isinstance(v, tuple):
         return "[" + ", ".join('"<redacted>"' for _ in v) + "]"
     return repr(v)

@@ -65,12 +65,15 @@ def write_records(f: BinaryIO, items: Sequence[Item]) -> None:
 
 def read_records(f: BinaryIO) -> Iterator[Item]:
     """Yield the whole records of a spool file; stop quietly at a torn or corrupt tail."""
+    start = f.tell()
+    size = f.seek(0, 2)
+    f.seek(start)
     while True:
         header = f.read(_HEADER.size)
         if len(header) < _HEADER.size:
             return
         magic, length, count, received_at, crc = _HEADER.unpack(header)
-        if magic != _MAGIC:
+        if magic != _MAGIC or length > size - f.tell():  # a damaged length must not allocate GiBs
             return
         lines = f.read(length)
         if len(lines) < length or zlib.crc32(lines) != crc:
