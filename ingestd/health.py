@@ -112,7 +112,7 @@ _COUNTER_HELP = {
     "uploaded_objects": "Objects written to the sink.",
     "failed_uploads": "Upload attempts that failed (each retry counts).",
     "dead_lettered_payloads": "Payloads the sink refused for good, kept in the dead-letter spool.",
-    "rejected_requests": "Ingest requests answered 4xx or 503.",
+    "rejected_requests": "POSTs to the ingest path answered 4xx or 503.",
     "overload_rejections": "Ingest requests answered 503 because the queue was full.",
 }
 

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.2
 STABLE_AFTER_S = 10.0  # an uploader that lived this long resets its crash backoff
 KILL_GRACE_S = 5.0  # after the drain deadline, how long uploaders get to leave before SIGKILL
+STATUS_EVERY_S = 5.0  # how often STATUS= tells systemd the figures
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -320,7 +321,7 @@ class Supervisor:
         for slot in self.slots:
             self.spawn_uploader(slot)
         watchdog = watchdog_interval(self.environ)
-        last_ping = last_sync = 0.0
+        last_ping = last_sync = last_status = 0.0
         while True:
             self._sleep()
             while self.signals:
@@ -341,6 +342,9 @@ class Supervisor:
             if any(s.state is SlotState.FATAL for s in self.slots) and self._drain_deadline is None:
                 self.exit_code = EXIT_UPLOADER_BOOT
                 self.begin_drain()
+            if self.notifier.enabled and self._ready_sent and time.monotonic() - last_status >= STATUS_EVERY_S:
+                self.notifier.status(self.status_line())
+                last_status = time.monotonic()
             if watchdog and time.monotonic() - last_ping >= watchdog:
                 self.notifier.watchdog()
                 last_ping = time.monotonic()
@@ -350,6 +354,14 @@ class Supervisor:
         self.notifier.status("stopped")
         self.server.task_dispatcher.shutdown(timeout=1)
         return self.exit_code
+
+    def status_line(self) -> str:
+        b = self.board
+        state = "draining" if self.intake.draining else "accepting"
+        return (f"{state}; queue {self.intake.depth()}/{self.config.queue.max_items}; "
+                f"accepted {b.gget(GlobalField.ACCEPTED_PAYLOADS)}, uploaded {b.total(SlotField.UPLOADED_PAYLOADS)}, "
+                f"dead-lettered {b.total(SlotField.DEAD_LETTERED_PAYLOADS)} payloads; "
+                f"{sum(s.alive for s in self.slots)}/{len(self.slots)} uploaders")
 
     def handle_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name

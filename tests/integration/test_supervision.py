@@ -54,6 +54,19 @@ class Load:
             return sum(self.statuses.values())
 
 
+def metric_values(url: str) -> dict[str, float]:
+    text = requests.get(url + "/metrics", timeout=5).text
+    return {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
+
+
+def assert_metrics_between(before: dict, url: str, health) -> None:
+    """Under load, /metrics read between two /health reads lies between them, counter by counter."""
+    values = metric_values(url)
+    after = health()
+    for name, low in before["counters"].items():
+        assert low <= values[f"ingestd_{name}_total"] <= after["counters"][name], name
+
+
 def check_delivery(load: Load, stored: list[str]) -> dict[str, int]:
     counts = Counter(stored)
     missing = [x for x in load.acked if counts[x] == 0]
@@ -73,7 +86,9 @@ def test_sigkill_uploaders_under_load_loses_nothing(daemon_factory, s3_tables, s
         for _ in range(6):  # kill an uploader, wait for its successor, again
             start = load.done
             wait_for(lambda: load.done >= start + 40 or not any(t.is_alive() for t in load._threads), 60, "load")
-            workers = d.health()["workers"]
+            health = d.health()
+            assert_metrics_between(health, d.url, d.health)
+            workers = health["workers"]
             victim = workers[kills % len(workers)]
             os.kill(victim["pid"], signal.SIGKILL)
             kills += 1
