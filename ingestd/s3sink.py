@@ -41,7 +41,7 @@ class S3Sink:
             region_name=config.region or None,
             endpoint_url=config.endpoint_url or None,
             config=botocore.config.Config(
-                retries={"max_attempts": 1, "mode": "standard"},
+                retries={"total_max_attempts": 1, "mode": "standard"},  # ours are the only retries
                 connect_timeout=config.connect_timeout_s,
                 read_timeout=config.read_timeout_s,
                 max_pool_connections=2,

@@ -283,6 +283,8 @@ class Supervisor:
             threads=h.threads,
             connection_limit=h.connection_limit,
             channel_timeout=h.channel_timeout_s,
+            # waitress looks for timed-out channels only every cleanup_interval (30 s by default)
+            cleanup_interval=max(1, h.channel_timeout_s // 2),
             # the app answers 413 in JSON for bodies up to 4x the limit; beyond, waitress refuses
             # them itself without buffering them
             max_request_body_size=h.max_body_bytes * 4,
