@@ -83,6 +83,7 @@ class PayloadsResource:
         raise Rejection(503, "Service unavailable", "the queue is full; send again later")
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self.intake.count_rejection()
         raise falcon.HTTPMethodNotAllowed(["POST"], description="use POST to send payloads")
 
     on_put = on_delete = on_patch = on_head = on_options = on_get

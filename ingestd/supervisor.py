@@ -115,7 +115,13 @@ class Supervisor:
                                 name=f"ingestd-uploader-{slot.index}", daemon=False)
         self.board.set(slot.index, SlotField.BOOTED_MS, 0)
         self.board.beat(slot.index)
-        proc.start()
+        # The child inherits a blocked SIGINT and ignores it once it runs our code; a Ctrl-C
+        # meanwhile stays pending here and is handled after the start, not lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         slot.process = proc
         slot.state = SlotState.STARTING
         slot.started_at = time.monotonic()

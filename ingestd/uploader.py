@@ -99,12 +99,20 @@ class Uploader:
             due = self.batcher.due_at()
             timeout = TAKE_TIMEOUT_S if due is None else min(TAKE_TIMEOUT_S, max(0.0, due - self.clock()))
             item = self.queue.take(self.board, self.slot, timeout, self._on_taken)
-            if item is not None:
+            # A backlog (sink slow, uploader restarted) is all past max_age: take what is ready
+            # right now, up to a full batch, before cutting, or each item would be its own object.
+            taken = 0
+            while item is not None:
                 if item.seq < 0:
                     stopping = True
-                else:
-                    self.batcher.add(item)
-                    self.board.set(self.slot, SlotField.PENDING_PAYLOADS, len(self.batcher))
+                    break
+                self.batcher.add(item)
+                taken += item.count
+                if taken >= self.batcher.max_payloads:
+                    break
+                item = self.queue.take(self.board, self.slot, 0.0, self._on_taken)
+            if taken:
+                self.board.set(self.slot, SlotField.PENDING_PAYLOADS, len(self.batcher))
             batches = self.batcher.take_all() if stopping else self.batcher.take_ready()
             try:
                 self.deliver(batches)
@@ -197,7 +205,10 @@ class Uploader:
 
 def run_uploader(slot: int, config: Config, queue: JobQueue, board: Board) -> None:
     """Process target of an uploader slot."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
+    # Ctrl-C reaches the whole process group: the supervisor decides. SIGINT arrives blocked
+    # (see Supervisor.spawn_uploader), so one sent while this process was importing is dropped.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     setup_logging(config.log, process=f"uploader-{slot}")
     try:
         spool = Spool(config.spool.path, fsync=config.spool.durability == "disk")

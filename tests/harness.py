@@ -136,6 +136,11 @@ class Daemon:
             pass
         self.proc.wait(10)
 
+    def wait_uploaders_running(self, timeout: float = 30.0) -> None:
+        """Until every uploader has booted (its sink built), not only been spawned."""
+        wait_for(lambda: all(w["state"] == "running" for w in self.health()["workers"]), timeout,
+                 "every uploader to boot")
+
     def uploader_pids(self) -> list[int]:
         return [w["pid"] for w in self.health()["workers"] if w["alive"]]
 
@@ -284,6 +289,68 @@ class StalledServer:
         self._sock.close()
 
     def __enter__(self) -> StalledServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class FailingS3Server:
+    """An HTTP server on 127.0.0.1 that answers every request with 503 SlowDown, S3 style.
+
+    `requests` counts what reached it: each is one upload attempt as the store sees it.
+    """
+
+    BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+            b"<Message>Please reduce your request rate.</Message></Error>")
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.requests = 0
+        self._lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def handle_expect_100(self) -> bool:
+                return True  # answer at once, without asking for the body
+
+            def do_PUT(self) -> None:
+                with outer._lock:
+                    outer.requests += 1
+                self.send_response(503)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(outer.BODY)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(outer.BODY)
+                self.close_connection = True
+
+            do_GET = do_POST = do_HEAD = do_PUT
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="failing-s3", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    def __enter__(self) -> FailingS3Server:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -30,9 +30,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("durability,fsync", [
     ("disk", "interval"),
     ("disk", "always"),
-    pytest.param("memory", "interval", marks=pytest.mark.skip(
-        reason="memory durability may lose queued payloads on SIGKILL of the tree (SPEC); loss is not tested")),
-])
+])  # memory durability may lose queued payloads on SIGKILL of the tree (SPEC): not a guarantee to test
 def test_sigkill_of_the_tree_under_load_loses_nothing_acknowledged(daemon_factory, fault_proxy: FaultProxy, s3,
                                                                    bucket, durability, fsync):
     fault_proxy.set_mode("hang")

@@ -54,6 +54,15 @@ class Load:
             return sum(self.statuses.values())
 
 
+def process_running(pid: int) -> bool:
+    """True while `pid` runs; a zombie (exited, not yet reaped by whoever adopted it) is not running."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def metric_values(url: str) -> dict[str, float]:
     text = requests.get(url + "/metrics", timeout=5).text
     return {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
@@ -199,7 +208,7 @@ def test_supervisor_sigkill_orphans_flush_and_restart_on_same_port_loses_nothing
     d.wait(10)
     d2 = daemon_factory({"http": {"listen": f"127.0.0.1:{d.port}"}}).start()
     assert d2.port == d.port
-    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in orphans), 30, "orphans to exit")
+    wait_for(lambda: not any(process_running(pid) for pid in orphans), 30, "orphans to exit")
     wait_for(lambda: len(payload_ids(read_directory_sink(tmp_path / "objects"))) >= 40, 30, "delivery")
     d2.signal(signal.SIGTERM)
     assert d2.wait(30) == 0
