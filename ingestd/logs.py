@@ -42,3 +42,6 @@ def setup_logging(config: LogConfig, process: str = "supervisor") -> None:
     root.setLevel(config.level.upper())
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # waitress warns "Task queue depth is N" for every request that waits for a thread: under
+    # load that is thousands of lines a second (the backlog shows in latency, not in the log)
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
