@@ -1,8 +1,9 @@
 """The board: counters and liveness shared by the supervisor and the uploaders, in shared memory.
 
-One `RawArray` of 64-bit integers. Each uploader slot owns a row that only that slot's process
-writes (aligned 64-bit stores are atomic on the platforms ingestd runs on), so no lock is
-needed; the supervisor sums rows. The supervisor's own row is written under the intake lock.
+One `RawArray` of 64-bit integers: a few global fields, a row per producer (the supervisor and
+any listener processes, each writing its own row under its intake lock) and a row per uploader
+slot (written by that slot's process). Aligned 64-bit stores are atomic on the platforms
+ingestd runs on, so no cross-process lock is needed; readers sum rows.
 Counters live here, not in the processes, so they survive an uploader restart and `/health`
 reports real figures, not estimates.
 """
@@ -16,6 +17,8 @@ from typing import Any
 
 
 class SlotField(enum.IntEnum):
+    """One row per uploader slot, written by that slot's process (RESTARTS, PID, STATE: the supervisor)."""
+
     TAKEN_ITEMS = 0
     TAKEN_BYTES = 1
     UPLOADED_PAYLOADS = 2
@@ -27,18 +30,30 @@ class SlotField(enum.IntEnum):
     LAST_FAIL_MS = 8
     BOOTED_MS = 9  # set once the sink is built and the slot's spool is loaded
     PENDING_PAYLOADS = 10  # held in the batcher, not yet uploaded
-    RESTARTS = 11  # written by the supervisor
+    RESTARTS = 11
+    PID = 12  # 0 while no process runs in the slot
+    STATE = 13  # index of the slot's SlotState, for listener processes' /health
 
 
-class GlobalField(enum.IntEnum):
+class ProducerField(enum.IntEnum):
+    """One row per listener (producer of queue items; the supervisor is producer 0)."""
+
     ACCEPTED_REQUESTS = 0
     ACCEPTED_PAYLOADS = 1
     REJECTED_REQUESTS = 2
     PUT_BYTES = 3  # bytes of lines put on the queue (minus TAKEN_BYTES: bytes queued)
-    CURSOR = 4  # seq of the last item read off the queue pipe (items are read in put order)
-    LOCK_STATE = 5  # who holds the queue's read lock: 0 nobody, else 2 * (slot + 1) + phase
-    DRAIN_DEADLINE_MS = 6  # 0 while running; at drain, when uploaders stop retrying and spill
-    OVERLOAD_REJECTIONS = 7  # 503 answers because the queue was full
+    CURSOR = 4  # seq of this producer's last item read off the pipe (a producer's items stay in order)
+    OVERLOAD_REJECTIONS = 5  # 503 answers because the queue was full
+    FLUSHED = 6  # at drain: 1 once every item it accepted is in the pipe (or spilled)
+    PID = 7
+
+
+class GlobalField(enum.IntEnum):
+    LOCK_STATE = 0  # who holds the queue's read lock: 0 nobody, else 2 * (slot + 1) + phase
+    DRAIN_DEADLINE_MS = 1  # 0 while running; at drain, when uploaders stop retrying and spill
+    DRAINING = 2  # 1 once the supervisor begins the drain: listeners answer 503
+    LISTENERS_EXIT = 3  # 1 once the uploaders are gone: listeners spill what is unread and exit
+    STARTED_MS = 4  # when the supervisor started (uptime in every listener's /health)
 
 
 # phase of the reader that holds the queue's read lock
@@ -46,6 +61,7 @@ PHASE_WAITING = 0  # polling the pipe: nothing consumed yet, the pipe is intact
 PHASE_READING = 1  # consuming a message: if the reader dies here the pipe may be torn
 
 _SLOT_WIDTH = len(SlotField)
+_PRODUCER_WIDTH = len(ProducerField)
 _GLOBAL_WIDTH = len(GlobalField)
 
 
@@ -54,27 +70,41 @@ def now_ms() -> int:
 
 
 class Board:
-    def __init__(self, ctx: BaseContext, slots: int) -> None:
+    def __init__(self, ctx: BaseContext, slots: int, producers: int = 1) -> None:
         self.slots = slots
-        self._a: Any = ctx.RawArray("q", _GLOBAL_WIDTH + slots * _SLOT_WIDTH)
+        self.producers = producers
+        self._slot_base = _GLOBAL_WIDTH + producers * _PRODUCER_WIDTH
+        self._a: Any = ctx.RawArray("q", self._slot_base + slots * _SLOT_WIDTH)
 
     # -- per slot ---------------------------------------------------------------------------
     def get(self, slot: int, f: SlotField) -> int:
-        return int(self._a[_GLOBAL_WIDTH + slot * _SLOT_WIDTH + f])
+        return int(self._a[self._slot_base + slot * _SLOT_WIDTH + f])
 
     def set(self, slot: int, f: SlotField, value: int) -> None:
-        self._a[_GLOBAL_WIDTH + slot * _SLOT_WIDTH + f] = value
+        self._a[self._slot_base + slot * _SLOT_WIDTH + f] = value
 
     def add(self, slot: int, f: SlotField, n: int = 1) -> None:
-        i = _GLOBAL_WIDTH + slot * _SLOT_WIDTH + f
-        self._a[i] += n
+        self._a[self._slot_base + slot * _SLOT_WIDTH + f] += n
 
     def total(self, f: SlotField) -> int:
-        base = _GLOBAL_WIDTH + f
+        base = self._slot_base + f
         return sum(self._a[base + s * _SLOT_WIDTH] for s in range(self.slots))
 
     def beat(self, slot: int) -> None:
-        self._a[_GLOBAL_WIDTH + slot * _SLOT_WIDTH + SlotField.HEARTBEAT_MS] = now_ms()
+        self._a[self._slot_base + slot * _SLOT_WIDTH + SlotField.HEARTBEAT_MS] = now_ms()
+
+    # -- per producer -------------------------------------------------------------------------
+    def pget(self, producer: int, f: ProducerField) -> int:
+        return int(self._a[_GLOBAL_WIDTH + producer * _PRODUCER_WIDTH + f])
+
+    def pset(self, producer: int, f: ProducerField, value: int) -> None:
+        self._a[_GLOBAL_WIDTH + producer * _PRODUCER_WIDTH + f] = value
+
+    def padd(self, producer: int, f: ProducerField, n: int = 1) -> None:
+        self._a[_GLOBAL_WIDTH + producer * _PRODUCER_WIDTH + f] += n
+
+    def ptotal(self, f: ProducerField) -> int:
+        return sum(self._a[_GLOBAL_WIDTH + p * _PRODUCER_WIDTH + f] for p in range(self.producers))
 
     # -- global -----------------------------------------------------------------------------
     def gget(self, f: GlobalField) -> int:
@@ -83,8 +113,9 @@ class Board:
     def gset(self, f: GlobalField, value: int) -> None:
         self._a[f] = value
 
-    def gadd(self, f: GlobalField, n: int = 1) -> None:
-        self._a[f] += n
-
     def queued_bytes(self) -> int:
-        return self.gget(GlobalField.PUT_BYTES) - self.total(SlotField.TAKEN_BYTES)
+        return self.ptotal(ProducerField.PUT_BYTES) - self.total(SlotField.TAKEN_BYTES)
+
+    def queued_items(self) -> int:
+        """Items put on the queue and not yet taken, by every producer together."""
+        return self.ptotal(ProducerField.ACCEPTED_REQUESTS) - self.total(SlotField.TAKEN_ITEMS)

@@ -15,8 +15,9 @@ import psutil
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .board import Board, GlobalField, SlotField
+from .board import Board, GlobalField, ProducerField, SlotField
 from .jobqueue import Intake
+from .states import SlotState
 
 
 class WorkerView(NamedTuple):
@@ -27,19 +28,36 @@ class WorkerView(NamedTuple):
     state: str
 
 
+def board_worker_views(board: Board) -> Callable[[], list[WorkerView]]:
+    """Worker views from what the supervisor publishes on the board (for listener processes)."""
+    states = list(SlotState)
+
+    def views() -> list[WorkerView]:
+        out = []
+        for s in range(board.slots):
+            pid = board.get(s, SlotField.PID)
+            state = states[board.get(s, SlotField.STATE)]
+            out.append(WorkerView(s, pid or None, pid != 0 and psutil.pid_exists(pid), board.get(s, SlotField.RESTARTS),
+                                  state.value))
+        return out
+
+    return views
+
+
 class Health:
     def __init__(self, board: Board, intake: Intake, capacity: int, max_bytes: int,
-                 workers: Callable[[], list[WorkerView]], clock: Callable[[], float] = time.monotonic) -> None:
+                 workers: Callable[[], list[WorkerView]], clock: Callable[[], float] = time.time,
+                 supervisor_pid: int | None = None) -> None:
         self.board = board
         self.intake = intake
         self.capacity = capacity
         self.max_bytes = max_bytes
         self.workers = workers
         self.clock = clock
-        self.started = clock()
         self._procs: dict[int, psutil.Process] = {}
-        self._me = psutil.Process()
-        self._me.cpu_percent(None)
+        # in a listener process, "the supervisor's own" figures are still the supervisor's
+        self._supervisor = psutil.Process(supervisor_pid)
+        self._supervisor.cpu_percent(None)
 
     def _usage(self, pid: int | None) -> tuple[int, float]:
         if pid is None:
@@ -68,38 +86,45 @@ class Health:
             workers.append({"slot": v.slot, "pid": v.pid, "alive": v.alive, "state": v.state, "rss_bytes": rss,
                             "cpu_percent": cpu, "restarts": v.restarts,
                             "pending_payloads": board.get(v.slot, SlotField.PENDING_PAYLOADS)})
-        depth = self.intake.depth()
+        depth = board.queued_items()
         queued_bytes = board.queued_bytes()
         sink_failing = any(board.get(s, SlotField.LAST_FAIL_MS) > board.get(s, SlotField.LAST_OK_MS)
                            for s in range(board.slots))
         full = depth >= self.capacity or queued_bytes >= self.max_bytes
         any_alive = any(v.alive for v in views)
-        draining = self.intake.draining
+        draining = self.intake.draining or bool(board.gget(GlobalField.DRAINING))
         if draining:
             status = "draining"
         elif sink_failing or full or not all(v.alive for v in views):
             status = "degraded"
         else:
             status = "ok"
-        with self._me.oneshot():
-            rss, cpu = self._me.memory_info().rss, self._me.cpu_percent(None)
+        try:
+            with self._supervisor.oneshot():
+                rss, cpu = self._supervisor.memory_info().rss, self._supervisor.cpu_percent(None)
+        except psutil.Error:  # the supervisor is gone: this listener is about to notice and exit
+            rss, cpu = 0, 0.0
+        listeners = [{"index": p, "pid": board.pget(p, ProducerField.PID) or None,
+                      "accepted_requests": board.pget(p, ProducerField.ACCEPTED_REQUESTS)}
+                     for p in range(board.producers)]
         return {
             "status": status,
             "ready": not draining and any_alive and not full,
-            "uptime_s": round(self.clock() - self.started, 3),
+            "uptime_s": round(self.clock() - board.gget(GlobalField.STARTED_MS) / 1000, 3),
             "queue": {"depth": depth, "capacity": self.capacity, "bytes": queued_bytes, "max_bytes": self.max_bytes},
             "sink": {"failing": sink_failing},
             "workers": workers,
             "counters": {
-                "accepted_requests": board.gget(GlobalField.ACCEPTED_REQUESTS),
-                "accepted_payloads": board.gget(GlobalField.ACCEPTED_PAYLOADS),
+                "accepted_requests": board.ptotal(ProducerField.ACCEPTED_REQUESTS),
+                "accepted_payloads": board.ptotal(ProducerField.ACCEPTED_PAYLOADS),
                 "uploaded_payloads": board.total(SlotField.UPLOADED_PAYLOADS),
                 "uploaded_objects": board.total(SlotField.UPLOADED_OBJECTS),
                 "failed_uploads": board.total(SlotField.FAILED_UPLOADS),
                 "dead_lettered_payloads": board.total(SlotField.DEAD_LETTERED_PAYLOADS),
-                "rejected_requests": board.gget(GlobalField.REJECTED_REQUESTS),
-                "overload_rejections": board.gget(GlobalField.OVERLOAD_REJECTIONS),
+                "rejected_requests": board.ptotal(ProducerField.REJECTED_REQUESTS),
+                "overload_rejections": board.ptotal(ProducerField.OVERLOAD_REJECTIONS),
             },
+            "listeners": listeners,
             "rss_bytes": rss,
             "cpu_percent": cpu,
         }

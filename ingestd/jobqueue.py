@@ -11,8 +11,10 @@ Within the lock, `take` also hands the item to the uploader's in-flight spool an
 board's cursor, so each item is always either in the pipe (seq > cursor, still in the ledger)
 or in an uploader's in-flight file (seq <= cursor). Nothing acknowledged falls between.
 
-`Intake` is the producer side, used by the request handlers in the supervisor: admission
-(draining, queue full by items or bytes), sequence numbers, and the ledger.
+`Intake` is the producer side, used by the request handlers of a listener (the supervisor, or
+a listener process with `http.listeners` > 1): admission (draining, queue full by items or
+bytes), sequence numbers, and the ledger. Each producer's items reach the pipe in its own
+order (one feeder thread per process), so a cursor per producer is enough.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from multiprocessing.queues import Queue
 from queue import Full
 from typing import Any
 
-from .board import PHASE_READING, PHASE_WAITING, Board, GlobalField
+from .board import PHASE_READING, PHASE_WAITING, Board, GlobalField, ProducerField
 from .journal import Journal
 from .records import Item
 
@@ -61,7 +63,7 @@ class JobQueue(Queue):  # type: ignore[type-arg]
             item: Item = pickle.loads(raw)
             on_taken(item)
             if item.seq > 0:
-                board.gset(GlobalField.CURSOR, item.seq)
+                board.pset(item.producer, ProducerField.CURSOR, item.seq)
             return item
         finally:
             board.gset(GlobalField.LOCK_STATE, 0)
@@ -98,15 +100,17 @@ class Intake:
     """
 
     def __init__(self, queue: JobQueue, board: Board, max_items: int, max_bytes: int,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, producer: int = 0) -> None:
         self.queue = queue
         self.board = board
         self.max_items = max_items
         self.max_bytes = max_bytes
+        self.producer = producer
         self._journal = journal
         self._lock = threading.Lock()
         self._ledger: deque[Item] = deque()
-        self._seq = 0
+        # a restarted listener continues its row's numbering, so its cursor stays monotonic
+        self._seq = board.pget(producer, ProducerField.ACCEPTED_REQUESTS)
         self._draining = False
 
     def attach_journal(self, journal: Journal) -> None:
@@ -118,37 +122,40 @@ class Intake:
         return self._draining
 
     def submit(self, received_at: float, count: int, lines: bytes) -> Admission:
-        board = self.board
+        board, me = self.board, self.producer
         written = 0
         with self._lock:
             if self._draining:
                 return Admission.DRAINING
             if board.queued_bytes() + len(lines) > self.max_bytes:
-                board.gadd(GlobalField.OVERLOAD_REJECTIONS)
+                board.padd(me, ProducerField.OVERLOAD_REJECTIONS)
                 return Admission.FULL
-            if self.queue.full():  # we are the only producer: a put now cannot block
-                board.gadd(GlobalField.OVERLOAD_REJECTIONS)
+            item = Item(self._seq + 1, received_at, count, lines, me)
+            try:
+                self.queue.put_nowait(item)
+            except Full:
+                board.padd(me, ProducerField.OVERLOAD_REJECTIONS)
                 return Admission.FULL
             self._seq += 1
-            item = Item(self._seq, received_at, count, lines)
+            # journaled after the put (an item must not be journaled and then refused); the 202
+            # waits for both, and a crash in between loses only what was never acknowledged
             if self._journal is not None:
                 written = self._journal.append(item)
-            self.queue.put_nowait(item)
             self._ledger.append(item)
             self._trim()
-            board.gadd(GlobalField.PUT_BYTES, len(lines))
-            board.gadd(GlobalField.ACCEPTED_REQUESTS)
-            board.gadd(GlobalField.ACCEPTED_PAYLOADS, count)
+            board.padd(me, ProducerField.PUT_BYTES, len(lines))
+            board.padd(me, ProducerField.ACCEPTED_REQUESTS)
+            board.padd(me, ProducerField.ACCEPTED_PAYLOADS, count)
         if self._journal is not None:
             self._journal.commit(written)  # outside the lock: threads share one fdatasync
         return Admission.ACCEPTED
 
     def count_rejection(self) -> None:
         with self._lock:
-            self.board.gadd(GlobalField.REJECTED_REQUESTS)
+            self.board.padd(self.producer, ProducerField.REJECTED_REQUESTS)
 
     def _trim(self) -> None:
-        cursor = self.board.gget(GlobalField.CURSOR)
+        cursor = self.board.pget(self.producer, ProducerField.CURSOR)
         ledger = self._ledger
         while ledger and ledger[0].seq <= cursor:
             ledger.popleft()

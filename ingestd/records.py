@@ -26,6 +26,7 @@ class Item(NamedTuple):
     received_at: float  # seconds since the epoch, when the request was accepted
     count: int  # payloads (lines) in `lines`
     lines: bytes  # NDJSON envelope lines, each ending in b"\n"
+    producer: int = 0  # which listener put it (its seq numbers are that listener's own)
 
 
 STOP = Item(-1, 0.0, 0, b"")  # sentinel put on the queue once per uploader at drain

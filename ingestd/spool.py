@@ -90,7 +90,7 @@ class Spool:
         Appending before unlinking means a crash here duplicates, never loses. Returns the
         number of payloads adopted.
         """
-        sources = sorted(self.overflow_dir.glob("*.rec")) + sorted(self.journal_dir.glob("*.rec"))
+        sources = sorted(self.overflow_dir.glob("*.rec")) + sorted(self.journal_dir.rglob("*.rec"))
         for p in self.inflight_dir.glob("slot-*.rec"):
             n = p.stem.removeprefix("slot-")
             if not n.isdigit() or int(n) >= slots:
@@ -121,6 +121,14 @@ class Spool:
         write_atomically(path.with_suffix(".why"), (reason + "\n").encode(), fsync=False)
         write_atomically(path, b"".join(frame(i) for i in items), fsync=True)
         return path
+
+    def retire_journal(self, directory: Path) -> int:
+        """Move a dead listener's journal segments to overflow (sent at the next start or replay)."""
+        moved = 0
+        for seg in sorted(directory.glob("*.rec")):
+            os.rename(seg, self.overflow_dir / f"{_unique_name('')}-{seg.name}")
+            moved += 1
+        return moved
 
     def replayable(self) -> Iterator[Path]:
         """Dead letters and overflow, oldest first."""

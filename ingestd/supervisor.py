@@ -28,17 +28,15 @@ from multiprocessing.context import SpawnContext, SpawnProcess
 from queue import Full
 from typing import Any
 
-import waitress
-import waitress.server
-
 from . import __version__
 from .app import create_app
-from .board import Board, GlobalField, SlotField, now_ms
+from .board import Board, GlobalField, ProducerField, SlotField, now_ms
 from .config import Config, bearer_tokens, parse_listen
 from .errors import EXIT_OK, EXIT_STARTUP, EXIT_UPLOADER_BOOT, UPLOADER_EXIT_BOOT_FAILED, SpoolLockedError
 from .health import Health, WorkerView
 from .jobqueue import Intake, JobQueue
 from .journal import Journal
+from .listener import bind_socket, create_listener, open_journal, run_listener
 from .records import STOP
 from .spool import Spool
 from .states import SlotState
@@ -74,17 +72,30 @@ class Slot:
         return self.process is not None and self.process.is_alive()
 
 
+@dataclass
+class Listener:
+    """A listener process (index >= 1; the supervisor itself is listener 0)."""
+
+    index: int
+    process: SpawnProcess | None = None
+    restart_at: float = 0.0
+    restarts: int = 0
+
+
 class Supervisor:
     def __init__(self, config: Config, environ: dict[str, str] | None = None) -> None:
         self.config = config
         self.environ = dict(os.environ if environ is None else environ)
         self.ctx: SpawnContext = multiprocessing.get_context("spawn")
         self.spool = Spool(config.spool.path, fsync=config.spool.durability == "disk")
-        self.board = Board(self.ctx, config.workers.count)
+        self.board = Board(self.ctx, config.workers.count, producers=config.http.listeners)
+        self.board.gset(GlobalField.STARTED_MS, now_ms())
+        self.board.pset(0, ProducerField.PID, os.getpid())
         self.queue = JobQueue(config.queue.max_items, ctx=self.ctx)
         self.journal: Journal | None = None  # opened in run(), once the spool is ours
         self.intake = Intake(self.queue, self.board, config.queue.max_items, config.queue.max_bytes)
         self.slots = [Slot(i) for i in range(config.workers.count)]
+        self.listeners = [Listener(i) for i in range(1, config.http.listeners)]  # 0 is this process
         self.health = Health(self.board, self.intake, config.queue.max_items, config.queue.max_bytes, self.worker_views)
         self.notifier = Notifier.from_environ(self.environ)
         self.signals: list[int] = []
@@ -92,7 +103,9 @@ class Supervisor:
         self.exit_code = EXIT_OK
         self._wake_r, self._wake_w = socket.socketpair()
         self._drain_deadline: float | None = None
+        self._stops_sent = False
         self._ready_sent = False
+        self._address = ("", 0)
 
     # -- views for health ----------------------------------------------------------------------
     def worker_views(self) -> list[WorkerView]:
@@ -126,6 +139,62 @@ class Supervisor:
         slot.state = SlotState.STARTING
         slot.started_at = time.monotonic()
         log.info("spawned uploader %d (pid %d)", slot.index, proc.pid)
+
+    def spawn_listener(self, listener: Listener) -> None:
+        host, port = self._address
+        proc = self.ctx.Process(target=run_listener, args=(listener.index, self.config, self.queue, self.board, host, port),
+                                name=f"ingestd-listener-{listener.index}", daemon=False)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        listener.process = proc
+        log.info("spawned listener %d (pid %d)", listener.index, proc.pid)
+
+    def reap_listeners(self) -> None:
+        now = time.monotonic()
+        for listener in self.listeners:
+            proc = listener.process
+            if proc is not None and not proc.is_alive():
+                code = proc.exitcode
+                proc.join(0)
+                proc.close()
+                listener.process = None
+                self.board.pset(listener.index, ProducerField.PID, 0)
+                if self._drain_deadline is None:
+                    # what its feeder had not yet written to the pipe died with it (memory
+                    # durability); a journal it kept goes to overflow when its successor starts
+                    log.error("listener %d stopped by %s; restarting in 1s", listener.index,
+                              f"signal {-code}" if code is not None and code < 0 else f"exit code {code}")
+                    listener.restart_at = now + 1.0
+                else:
+                    self.board.pset(listener.index, ProducerField.FLUSHED, 1)
+            elif proc is None and self._drain_deadline is None and now >= listener.restart_at:
+                listener.restarts += 1
+                self.spawn_listener(listener)
+
+    def listeners_flushed(self) -> bool:
+        assert self._drain_deadline is not None
+        return time.monotonic() >= self._drain_deadline or all(
+            self.board.pget(x.index, ProducerField.FLUSHED) or x.process is None for x in self.listeners)
+
+    def stop_listeners(self) -> None:
+        self.board.gset(GlobalField.LISTENERS_EXIT, 1)
+        for listener in self.listeners:
+            if listener.process is not None:
+                listener.process.join(KILL_GRACE_S)
+                if listener.process.is_alive():
+                    log.error("listener %d did not exit: killing it", listener.index)
+                    listener.process.kill()
+                    listener.process.join(5)
+
+    def publish_slots(self) -> None:
+        """What listener processes need for their /health: pid and state of each uploader."""
+        states = list(SlotState)
+        for slot in self.slots:
+            self.board.set(slot.index, SlotField.PID, slot.pid if slot.alive and slot.pid else 0)
+            self.board.set(slot.index, SlotField.STATE, states.index(slot.state))
 
     def reap_uploaders(self) -> None:
         now = time.monotonic()
@@ -176,7 +245,7 @@ class Supervisor:
                 slot.restarts += 1
                 self.board.set(slot.index, SlotField.RESTARTS, slot.restarts)
                 self.spawn_uploader(slot)
-                if self._drain_deadline is not None:
+                if self._stops_sent:
                     # it missed its STOP (or took it and died): give it one of its own
                     self._send_stop(slot)
 
@@ -228,10 +297,15 @@ class Supervisor:
             return
         timeout = self.config.shutdown.drain_timeout_s
         self.intake.begin_drain()
+        self.board.gset(GlobalField.DRAINING, 1)
         self._drain_deadline = time.monotonic() + timeout
         self.board.gset(GlobalField.DRAIN_DEADLINE_MS, now_ms() + int(timeout * 1000))
         self.notifier.stopping("draining")
-        log.info("draining: new requests get 503; %d items queued; deadline in %.1fs", self.intake.depth(), timeout)
+        log.info("draining: new requests get 503; %d items queued; deadline in %.1fs", self.board.queued_items(), timeout)
+
+    def send_stops(self) -> None:
+        """Once every listener's accepted items are in the pipe: one STOP per uploader behind them."""
+        self._stops_sent = True
         for slot in self.slots:
             if slot.state in (SlotState.STARTING, SlotState.RUNNING):
                 self._send_stop(slot)
@@ -265,6 +339,7 @@ class Supervisor:
 
     def finish_drain(self) -> None:
         """Spill what no uploader took; its items are already acknowledged."""
+        self.stop_listeners()  # each spills its own unread items
         left = self.intake.unread()
         if left:
             path = self.spool.write_overflow(left)
@@ -282,27 +357,13 @@ class Supervisor:
         h = self.config.http
         host, port = parse_listen(h.listen)
         app = create_app(self.config, self.intake, self.health, bearer_tokens(self.config.auth))
-        self.server = waitress.create_server(
-            app,
-            host=host,
-            port=port,
-            threads=h.threads,
-            connection_limit=h.connection_limit,
-            channel_timeout=h.channel_timeout_s,
-            # waitress looks for timed-out channels only every cleanup_interval (30 s by default)
-            cleanup_interval=max(1, h.channel_timeout_s // 2),
-            # the app answers 413 in JSON for bodies up to 4x the limit; beyond, waitress refuses
-            # them itself without buffering them
-            max_request_body_size=h.max_body_bytes * 4,
-            asyncore_use_poll=True,
-            ident="ingestd",
-            expose_tracebacks=False,
-            backlog=2048,
-        )
+        sock = bind_socket(host, port, reuse_port=h.listeners > 1)
+        self.server = create_listener(app, self.config, sock)
+        self._address = (host, int(self.server.effective_port))
         thread = threading.Thread(target=self.server.run, name="waitress", daemon=True)
         thread.start()
-        log.info("ingestd %s listening on http://%s:%s (%d uploaders, sink %s, durability %s)",
-                 __version__, self.server.effective_host, self.server.effective_port, len(self.slots),
+        log.info("ingestd %s listening on http://%s:%s (%d listeners, %d uploaders, sink %s, durability %s)",
+                 __version__, self.server.effective_host, self.server.effective_port, h.listeners, len(self.slots),
                  self.config.sink.kind, self.config.spool.durability)
 
     # -- the control loop ----------------------------------------------------------------------------
@@ -316,9 +377,8 @@ class Supervisor:
         adopted = self.spool.adopt_leftovers(len(self.slots))
         if adopted:
             log.info("%d payloads from an earlier run will be delivered first", adopted)
-        sp = self.config.spool
-        if sp.durability == "disk":
-            self.journal = Journal(self.spool.journal_dir, sp.journal_fsync, sp.journal_segment_bytes)
+        self.journal = open_journal(self.config, self.spool, 0)
+        if self.journal is not None:
             self.intake.attach_journal(self.journal)
         self.install_signals()
         try:
@@ -328,6 +388,8 @@ class Supervisor:
             return EXIT_STARTUP
         for slot in self.slots:
             self.spawn_uploader(slot)
+        for listener in self.listeners:
+            self.spawn_listener(listener)
         watchdog = watchdog_interval(self.environ)
         last_ping = last_sync = last_status = 0.0
         while True:
@@ -337,12 +399,16 @@ class Supervisor:
             self.reap_uploaders()
             self.restart_due()
             self.check_uploaders()
+            self.reap_listeners()
+            self.publish_slots()
             self._trim_ledger()
+            if self._drain_deadline is not None and not self._stops_sent and self.listeners_flushed():
+                self.send_stops()
             if self.journal is not None:
                 if time.monotonic() - last_sync >= self.config.spool.journal_fsync_interval_ms / 1000:
                     self.journal.sync()
                     last_sync = time.monotonic()
-                self.journal.retire(self.board.gget(GlobalField.CURSOR))
+                self.journal.retire(self.board.pget(0, ProducerField.CURSOR))
             if not self._ready_sent and all(s.state is SlotState.RUNNING for s in self.slots):
                 self._ready_sent = True
                 self.notifier.ready(f"ready: {len(self.slots)} uploaders")
@@ -356,7 +422,7 @@ class Supervisor:
             if watchdog and time.monotonic() - last_ping >= watchdog:
                 self.notifier.watchdog()
                 last_ping = time.monotonic()
-            if self._drain_deadline is not None and self.drain_done():
+            if self._stops_sent and self.drain_done():
                 break
         self.finish_drain()
         self.notifier.status("stopped")
@@ -366,8 +432,8 @@ class Supervisor:
     def status_line(self) -> str:
         b = self.board
         state = "draining" if self.intake.draining else "accepting"
-        return (f"{state}; queue {self.intake.depth()}/{self.config.queue.max_items}; "
-                f"accepted {b.gget(GlobalField.ACCEPTED_PAYLOADS)}, uploaded {b.total(SlotField.UPLOADED_PAYLOADS)}, "
+        return (f"{state}; queue {b.queued_items()}/{self.config.queue.max_items}; "
+                f"accepted {b.ptotal(ProducerField.ACCEPTED_PAYLOADS)}, uploaded {b.total(SlotField.UPLOADED_PAYLOADS)}, "
                 f"dead-lettered {b.total(SlotField.DEAD_LETTERED_PAYLOADS)} payloads; "
                 f"{sum(s.alive for s in self.slots)}/{len(self.slots)} uploaders")
 

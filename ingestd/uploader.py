@@ -23,17 +23,16 @@ import gzip
 import logging
 import os
 import random
-import signal
 import sys
 import time
 from collections.abc import Callable
 
 from .batching import Batch, Batcher
 from .board import Board, GlobalField, SlotField, now_ms
+from .child import setup_child
 from .config import BatchConfig, Config
 from .errors import UPLOADER_EXIT_BOOT_FAILED, PermanentSinkError, RetryableSinkError
 from .jobqueue import JobQueue
-from .logs import setup_logging
 from .records import Item
 from .sinks import KeyMaker, Sink, build_sink
 from .spool import SlotFile, Spool
@@ -59,7 +58,7 @@ def encode_object(batch: Batch, config: BatchConfig, keys: KeyMaker) -> tuple[st
 class Uploader:
     def __init__(self, slot: int, config: Config, queue: JobQueue | None, board: Board, sink: Sink,
                  slot_file: SlotFile | None, spool: Spool, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, parent: int | None = None) -> None:
         self.slot = slot
         self.config = config
         self.queue = queue
@@ -72,7 +71,7 @@ class Uploader:
         b = config.batch
         self.batcher = Batcher(b.max_payloads, b.max_bytes, b.max_age_ms / 1000.0, clock)
         self.keys = KeyMaker(config.sink.prefix, b.compression == "gzip")
-        self.parent = os.getppid()
+        self.parent = os.getppid() if parent is None else parent
 
     # -- life ---------------------------------------------------------------------------------
     def load_inflight(self) -> int:
@@ -205,17 +204,13 @@ class Uploader:
 
 def run_uploader(slot: int, config: Config, queue: JobQueue, board: Board) -> None:
     """Process target of an uploader slot."""
-    # Ctrl-C reaches the whole process group: the supervisor decides. SIGINT arrives blocked
-    # (see Supervisor.spawn_uploader), so one sent while this process was importing is dropped.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    setup_logging(config.log, process=f"uploader-{slot}")
+    parent = setup_child(config.log, f"uploader-{slot}")
     try:
         spool = Spool(config.spool.path, fsync=config.spool.durability == "disk")
         # the in-flight file takes over from the journal: as durable as the journal's policy
         always = config.spool.durability == "disk" and config.spool.journal_fsync == "always"
         slot_file = SlotFile(spool.slot_path(slot), fsync=always)
-        uploader = Uploader(slot, config, queue, board, build_sink(config.sink), slot_file, spool)
+        uploader = Uploader(slot, config, queue, board, build_sink(config.sink), slot_file, spool, parent=parent)
         loaded = uploader.load_inflight()
     except Exception:
         log.exception("uploader %d: cannot boot", slot)

@@ -6,7 +6,7 @@ import multiprocessing
 import os
 import signal
 
-from ingestd.board import Board, GlobalField
+from ingestd.board import Board, GlobalField, ProducerField
 from ingestd.jobqueue import Intake, JobQueue
 from ingestd.records import Item
 from tests.harness import wait_for
@@ -37,7 +37,7 @@ def test_consumer_killed_while_waiting_leaks_the_lock_and_repair_releases_it():
         assert q.repair_after_death(board, 0) is True
         item = q.take(board, 1, 10, _noop)
         assert item is not None and item.seq == 1
-        assert board.gget(GlobalField.CURSOR) == 1
+        assert board.pget(0, ProducerField.CURSOR) == 1
         assert board.gget(GlobalField.LOCK_STATE) == 0
     finally:
         if child.is_alive():

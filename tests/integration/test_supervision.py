@@ -16,8 +16,10 @@ from tests.harness import payload_ids, read_bucket, read_directory_sink, wait_fo
 class Load:
     """Client threads posting payloads with unique ids; remembers what was acknowledged."""
 
-    def __init__(self, url: str, threads: int, requests_per_thread: int, payloads: int) -> None:
+    def __init__(self, url: str, threads: int, requests_per_thread: int, payloads: int,
+                 fresh_connections: bool = False) -> None:
         self.url = url
+        self.fresh = fresh_connections
         self.acked: list[str] = []
         self.refused: list[str] = []
         self.statuses: Counter[int] = Counter()
@@ -31,7 +33,7 @@ class Load:
             ids = [f"t{t}-r{r}-p{i}" for i in range(k)]
             try:
                 resp = session.post(self.url + "/v1/payloads", json={"version": "1", "data": [{"id": x} for x in ids]},
-                                    timeout=10)
+                                    timeout=10, headers={"Connection": "close"} if self.fresh else None)
                 status = resp.status_code
             except requests.RequestException:
                 status = 0

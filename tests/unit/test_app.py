@@ -16,7 +16,7 @@ import pytest
 from falcon import testing
 
 from ingestd.app import create_app
-from ingestd.board import Board, SlotField
+from ingestd.board import Board, GlobalField, SlotField
 from ingestd.config import Config, HttpConfig, QueueConfig
 from ingestd.health import Health, WorkerView
 from ingestd.jobqueue import Intake, JobQueue
@@ -454,6 +454,7 @@ def test_rejected_requests_counts_every_refused_ingest(make_daemon: Callable[...
 
 def test_uptime_follows_the_injected_clock(daemon: Daemon) -> None:
     times = [100.0]
+    daemon.board.gset(GlobalField.STARTED_MS, 100_000)  # the supervisor's start, as it publishes it
     health = Health(daemon.board, daemon.intake, 10, 1 << 20, workers=lambda: list(daemon.workers),
                     clock=lambda: times[-1])
     assert health.snapshot()["uptime_s"] == 0
