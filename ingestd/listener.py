@@ -21,7 +21,6 @@ import threading
 import time
 from typing import Any
 
-import falcon
 import waitress
 
 from .app import create_app
@@ -48,7 +47,7 @@ def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
-def create_listener(app: falcon.App, config: Config, sock: socket.socket) -> Any:
+def create_listener(app: Any, config: Config, sock: socket.socket) -> Any:
     h = config.http
     return waitress.create_server(
         app,

@@ -45,6 +45,10 @@ class S3Sink:
                 connect_timeout=config.connect_timeout_s,
                 read_timeout=config.read_timeout_s,
                 max_pool_connections=2,
+                # botocore >= 1.36 adds a CRC32 trailer (aws-chunked) to every PutObject by default:
+                # CPU per object, and S3-compatible stores that do not speak aws-chunked refuse it
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
             ),
         )
 

@@ -40,6 +40,7 @@ from .spool import SlotFile, Spool
 log = logging.getLogger(__name__)
 
 TAKE_TIMEOUT_S = 0.25  # longest wait on an empty queue: bounds heartbeat and age checks
+BACKLOG_TAKE_S = 0.005  # while gathering a backlog, how long to wait for the next item
 ORPHAN_GRACE_MS = 10_000  # an orphaned uploader's last attempt to write what it holds
 
 
@@ -109,7 +110,8 @@ class Uploader:
                 taken += item.count
                 if taken >= self.batcher.max_payloads:
                     break
-                item = self.queue.take(self.board, self.slot, 0.0, self._on_taken)
+                # a short wait, not 0: the other uploader holds the read lock while it polls
+                item = self.queue.take(self.board, self.slot, BACKLOG_TAKE_S, self._on_taken)
             if taken:
                 self.board.set(self.slot, SlotField.PENDING_PAYLOADS, len(self.batcher))
             batches = self.batcher.take_all() if stopping else self.batcher.take_ready()
