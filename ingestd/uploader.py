@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -40,7 +41,7 @@ from .spool import SlotFile, Spool
 log = logging.getLogger(__name__)
 
 TAKE_TIMEOUT_S = 0.25  # longest wait on an empty queue: bounds heartbeat and age checks
-BACKLOG_TAKE_S = 0.005  # while gathering a backlog, how long to wait for the next item
+BACKLOG_TAKE_S = 0.02  # while gathering a backlog, how long to wait for the next item
 ORPHAN_GRACE_MS = 10_000  # an orphaned uploader's last attempt to write what it holds
 
 
@@ -73,6 +74,8 @@ class Uploader:
         self.batcher = Batcher(b.max_payloads, b.max_bytes, b.max_age_ms / 1000.0, clock)
         self.keys = KeyMaker(config.sink.prefix, b.compression == "gzip")
         self.parent = os.getppid() if parent is None else parent
+        self._sender: threading.Thread | None = None
+        self._unsent: list[Batch] = []  # what the sender could not write before the drain deadline
 
     # -- life ---------------------------------------------------------------------------------
     def load_inflight(self) -> int:
@@ -110,16 +113,24 @@ class Uploader:
                 taken += item.count
                 if taken >= self.batcher.max_payloads:
                     break
+                if self._sender is not None and not self._sender.is_alive():
+                    # drop what just landed from the in-flight file now: a kill before the
+                    # rewrite would send it twice
+                    self.reap_sender(wait=False)
                 # a short wait, not 0: the other uploader holds the read lock while it polls
                 item = self.queue.take(self.board, self.slot, BACKLOG_TAKE_S, self._on_taken)
             if taken:
                 self.board.set(self.slot, SlotField.PENDING_PAYLOADS, len(self.batcher))
             batches = self.batcher.take_all() if stopping else self.batcher.take_ready()
             try:
-                self.deliver(batches)
+                self.reap_sender(wait=bool(batches) or stopping, holding=batches)
+                if batches:
+                    self.start_sender(batches)
+                    if stopping:
+                        self.reap_sender(wait=True)
             except DrainDeadline:
                 log.warning("uploader %d: drain deadline passed with the sink failing; %d payloads stay in %s",
-                            self.slot, len(self.batcher) + sum(b.count for b in batches), self.slot_file.path)
+                            self.slot, len(self.batcher), self.slot_file.path)
                 return
             if os.getppid() != self.parent:
                 # orphaned (the supervisor was killed): try for a while, then leave the rest in
@@ -127,6 +138,7 @@ class Uploader:
                 log.error("uploader %d: supervisor is gone; writing what it holds and exiting", self.slot)
                 self.board.gset(GlobalField.DRAIN_DEADLINE_MS, now_ms() + ORPHAN_GRACE_MS)
                 try:
+                    self.reap_sender(wait=True)
                     self.deliver(self.batcher.take_all())
                 except DrainDeadline:
                     pass
@@ -134,6 +146,52 @@ class Uploader:
         log.info("uploader %d: drained, exiting", self.slot)
 
     # -- delivery -----------------------------------------------------------------------------
+    # One sender thread uploads while the main thread goes on taking items: a PUT is mostly
+    # waiting on the network (the GIL is free), and an uploader that stops taking while it
+    # uploads halves what the pool drains. At most one upload is in flight per uploader. Only
+    # the main thread touches the in-flight file: it rewrites it once an upload is done.
+    def start_sender(self, batches: list[Batch]) -> None:
+        self._unsent = []
+        self._sender = threading.Thread(target=self._send, args=(batches,), name="sender", daemon=True)
+        self._sender.start()
+
+    def _send(self, batches: list[Batch]) -> None:
+        for i, batch in enumerate(batches):
+            try:
+                self.upload(batch)
+            except DrainDeadline:
+                self._unsent = batches[i:]
+                return
+
+    def reap_sender(self, wait: bool, holding: list[Batch] | None = None) -> None:
+        """Collect a finished upload (or wait for it): rewrite the in-flight file to what is
+        still pending, `holding` (batches cut but not yet handed to a sender) included; after a
+        drain deadline, put the unsent batches back and raise DrainDeadline."""
+        sender = self._sender
+        if sender is None:
+            return
+        while sender.is_alive():
+            if not wait:
+                return
+            self.board.beat(self.slot)
+            sender.join(0.2)
+        self._sender = None
+        assert self.slot_file is not None
+        unsent, self._unsent = self._unsent, []
+        if unsent:
+            # the drain deadline passed: everything goes back to the batcher and stays in the file
+            for batch in unsent + list(holding or []):
+                for item in batch.items:
+                    self.batcher.add(item)
+            if holding:
+                holding.clear()
+            self.slot_file.rewrite(self.batcher.pending())
+            self.board.set(self.slot, SlotField.PENDING_PAYLOADS, len(self.batcher))
+            raise DrainDeadline()
+        held = [item for batch in holding or [] for item in batch.items]
+        self.slot_file.rewrite(self.batcher.pending() + held)
+        self.board.set(self.slot, SlotField.PENDING_PAYLOADS, len(self.batcher) + sum(i.count for i in held))
+
     def deliver(self, batches: list[Batch]) -> None:
         assert self.slot_file is not None
         if not batches:

@@ -332,9 +332,13 @@ def test_503_with_retry_after_when_the_queue_is_full(daemon_factory, stalled_s3_
                              headers={"Content-Type": "application/json"}, timeout=10)
 
     assert send("held").status_code == 202
-    # the only uploader took it and now hangs on the sink: the queue alone holds what follows
+    # the only uploader took it and now hangs on the sink ...
     wait_for(lambda: stalled_sink.accepted > 0, 10, "the uploader to reach the hanging sink")
-    accepted = ["held"]
+    # ... it takes one more batch while the first upload is in flight, then waits for it ...
+    assert send("next").status_code == 202
+    wait_for(lambda: d.health()["queue"]["depth"] == 0, 10, "the uploader to take its second batch")
+    # ... so the queue alone holds what follows
+    accepted = ["held", "next"]
     for i in range(max_items):
         r = send(f"queued-{i}")
         assert r.status_code == 202, r.text
