@@ -123,11 +123,8 @@ class Supervisor:
             signal.signal(sig, self._record_signal)
 
     # -- processes ------------------------------------------------------------------------------
-    def spawn_uploader(self, slot: Slot) -> None:
-        proc = self.ctx.Process(target=run_uploader, args=(slot.index, self.config, self.queue, self.board),
-                                name=f"ingestd-uploader-{slot.index}", daemon=False)
-        self.board.set(slot.index, SlotField.BOOTED_MS, 0)
-        self.board.beat(slot.index)
+    def _start_child(self, target: Any, args: tuple[Any, ...], name: str) -> SpawnProcess:
+        proc = self.ctx.Process(target=target, args=args, name=name, daemon=False)
         # The child inherits a blocked SIGINT and ignores it once it runs our code; a Ctrl-C
         # meanwhile stays pending here and is handled after the start, not lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -135,6 +132,13 @@ class Supervisor:
             proc.start()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        return proc
+
+    def spawn_uploader(self, slot: Slot) -> None:
+        self.board.set(slot.index, SlotField.BOOTED_MS, 0)
+        self.board.beat(slot.index)
+        proc = self._start_child(run_uploader, (slot.index, self.config, self.queue, self.board),
+                                 f"ingestd-uploader-{slot.index}")
         slot.process = proc
         slot.state = SlotState.STARTING
         slot.started_at = time.monotonic()
@@ -142,14 +146,9 @@ class Supervisor:
 
     def spawn_listener(self, listener: Listener) -> None:
         host, port = self._address
-        proc = self.ctx.Process(target=run_listener, args=(listener.index, self.config, self.queue, self.board, host, port),
-                                name=f"ingestd-listener-{listener.index}", daemon=False)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            proc.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        listener.process = proc
+        listener.process = proc = self._start_child(
+            run_listener, (listener.index, self.config, self.queue, self.board, host, port),
+            f"ingestd-listener-{listener.index}")
         log.info("spawned listener %d (pid %d)", listener.index, proc.pid)
 
     def reap_listeners(self) -> None:
