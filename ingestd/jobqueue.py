@@ -99,11 +99,11 @@ class Intake:
     by the board's cursor and holds exactly the items not yet read by an uploader.
     """
 
-    def __init__(self, queue: JobQueue, board: Board, max_items: int, max_bytes: int,
+    def __init__(self, queue: JobQueue, board: Board, max_bytes: int,
                  journal: Journal | None = None, producer: int = 0) -> None:
+        """The bound in items is the queue's own (`queue.max_items`); `max_bytes` is checked here."""
         self.queue = queue
         self.board = board
-        self.max_items = max_items
         self.max_bytes = max_bytes
         self.producer = producer
         self._journal = journal

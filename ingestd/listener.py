@@ -95,7 +95,7 @@ def run_listener(index: int, config: Config, queue: JobQueue, board: Board, host
     parent = setup_child(config.log, f"listener-{index}")
     spool = Spool(config.spool.path)
     journal = open_journal(config, spool, index)
-    intake = Intake(queue, board, config.queue.max_items, config.queue.max_bytes, journal, producer=index)
+    intake = Intake(queue, board, config.queue.max_bytes, journal, producer=index)
     health = Health(board, intake, config.queue.max_items, config.queue.max_bytes, board_worker_views(board),
                     supervisor_pid=parent)
     app = create_app(config, intake, health, bearer_tokens(config.auth))

@@ -93,7 +93,7 @@ class Supervisor:
         self.board.pset(0, ProducerField.PID, os.getpid())
         self.queue = JobQueue(config.queue.max_items, ctx=self.ctx)
         self.journal: Journal | None = None  # opened in run(), once the spool is ours
-        self.intake = Intake(self.queue, self.board, config.queue.max_items, config.queue.max_bytes)
+        self.intake = Intake(self.queue, self.board, config.queue.max_bytes)
         self.slots = [Slot(i) for i in range(config.workers.count)]
         self.listeners = [Listener(i) for i in range(1, config.http.listeners)]  # 0 is this process
         self.health = Health(self.board, self.intake, config.queue.max_items, config.queue.max_bytes, self.worker_views)

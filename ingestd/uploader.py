@@ -139,7 +139,9 @@ class Uploader:
                 self.board.gset(GlobalField.DRAIN_DEADLINE_MS, now_ms() + ORPHAN_GRACE_MS)
                 try:
                     self.reap_sender(wait=True)
-                    self.deliver(self.batcher.take_all())
+                    if len(self.batcher):
+                        self.start_sender(self.batcher.take_all())
+                        self.reap_sender(wait=True)
                 except DrainDeadline:
                     pass
                 return
@@ -191,23 +193,6 @@ class Uploader:
         held = [item for batch in holding or [] for item in batch.items]
         self.slot_file.rewrite(self.batcher.pending() + held)
         self.board.set(self.slot, SlotField.PENDING_PAYLOADS, len(self.batcher) + sum(i.count for i in held))
-
-    def deliver(self, batches: list[Batch]) -> None:
-        assert self.slot_file is not None
-        if not batches:
-            return
-        for i, batch in enumerate(batches):
-            try:
-                self.upload(batch)
-            except DrainDeadline:
-                # put the unsent batches back so the in-flight file keeps them
-                for b in batches[i:]:
-                    for it in b.items:
-                        self.batcher.add(it)
-                self.slot_file.rewrite(self.batcher.pending())
-                raise
-        self.slot_file.rewrite(self.batcher.pending())
-        self.board.set(self.slot, SlotField.PENDING_PAYLOADS, len(self.batcher))
 
     def upload(self, batch: Batch) -> None:
         """Write one batch; a permanent refusal sends it to the dead-letter spool instead."""

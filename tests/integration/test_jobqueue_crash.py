@@ -50,7 +50,7 @@ def test_death_mid_message_asks_for_a_rebuild_and_the_ledger_refills_a_new_queue
     ctx = multiprocessing.get_context("spawn")
     board = Board(ctx, 2)
     q = JobQueue(10, ctx=ctx)
-    intake = Intake(q, board, 10, 1 << 20)
+    intake = Intake(q, board, 1 << 20)
     for i in range(3):
         assert intake.submit(float(i), 1, b'{"n":%d}\n' % i).value == "accepted"
     first = q.take(board, 1, 10, _noop)

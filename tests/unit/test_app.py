@@ -70,7 +70,7 @@ def make_daemon() -> Iterator[Callable[..., Daemon]]:
         board = Board(ctx, 2)
         queue = JobQueue(max_items, ctx=ctx)
         queues.append(queue)
-        intake = Intake(queue, board, max_items, queue_max_bytes)
+        intake = Intake(queue, board, queue_max_bytes)
         workers = [WorkerView(0, os.getpid(), True, 0, "running"), WorkerView(1, os.getpid(), True, 0, "running")]
         health = Health(board, intake, max_items, queue_max_bytes, workers=lambda: list(workers))
         app = create_app(config, intake, health, tokens=tokens, clock=lambda: NOW)
