@@ -54,6 +54,7 @@ class GlobalField(enum.IntEnum):
     DRAINING = 2  # 1 once the supervisor begins the drain: listeners answer 503
     LISTENERS_EXIT = 3  # 1 once the uploaders are gone: listeners spill what is unread and exit
     STARTED_MS = 4  # when the supervisor started (uptime in every listener's /health)
+    QUEUE_GENERATION = 5  # bumped when the queue is rebuilt: listeners on the old one spill and exit
 
 
 # phase of the reader that holds the queue's read lock

@@ -6,7 +6,8 @@ listener processes (`run_listener`) bound to the same port with SO_REUSEPORT, so
 spreads connections over N processes and N GILs. Each one is a producer of the shared queue
 with its own intake (sequence numbers, ledger, journal) and its own row on the board.
 
-A listener process follows the supervisor through the board: at DRAINING it answers 503 and
+A listener process follows the supervisor through the board (and leaves, spilling, when the
+supervisor rebuilds a torn queue): at DRAINING it answers 503 and
 waits until its queue feeder has written every accepted item into the pipe (FLUSHED), so the
 supervisor's STOP sentinels land behind them; at LISTENERS_EXIT (the uploaders are gone) it
 spills what no uploader read to the spool and exits.
@@ -105,6 +106,7 @@ def run_listener(index: int, config: Config, queue: JobQueue, board: Board, host
     board.pset(index, ProducerField.PID, os.getpid())
     log.info("listener %d serving http://%s:%d", index, host, port)
     last_sync = time.monotonic()
+    generation = board.gget(GlobalField.QUEUE_GENERATION)
     while True:
         time.sleep(POLL_S)
         if os.getppid() != parent:
@@ -123,6 +125,12 @@ def run_listener(index: int, config: Config, queue: JobQueue, board: Board, host
             log.info("listener %d: draining; accepted items %s the pipe", index,
                      "are all in" if flushed else "could not all be written to")
         if board.gget(GlobalField.LISTENERS_EXIT):
+            break
+        if board.gget(GlobalField.QUEUE_GENERATION) != generation:
+            # the supervisor rebuilt a torn queue: what this process put on the old one and no
+            # uploader read goes to overflow, which the restarted uploaders claim; a successor
+            # is started on the new queue
+            log.warning("listener %d: the queue was rebuilt; handing over and exiting", index)
             break
     left = intake.unread()
     if left:

@@ -130,6 +130,25 @@ class Spool:
             moved += 1
         return moved
 
+    def claim_overflow(self, slot_file: SlotFile) -> int:
+        """At an uploader's boot: move overflow files into its in-flight file. The rename makes
+        each file one uploader's; a crash before the unlink leaves `slot-N.claim-*.rec`, which
+        the next start adopts (duplicates, never loss). Returns the payloads claimed."""
+        claimed = 0
+        slot = slot_file.path.stem
+        for src in sorted(self.overflow_dir.glob("*.rec")):
+            mine = self.inflight_dir / f"{slot}.claim-{src.name}"
+            try:
+                os.rename(src, mine)
+            except FileNotFoundError:
+                continue  # another uploader took it
+            items = read_file(mine)
+            for item in items:
+                slot_file.append(item)
+            mine.unlink()
+            claimed += sum(i.count for i in items)
+        return claimed
+
     def replayable(self) -> Iterator[Path]:
         """Dead letters and overflow, oldest first."""
         for d in (self.dead_dir, self.overflow_dir):

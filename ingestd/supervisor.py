@@ -282,9 +282,24 @@ class Supervisor:
         old = self.queue
         self.queue = JobQueue(self.config.queue.max_items, ctx=self.ctx)
         n = self.intake.replace_queue(self.queue)
+        # listener processes hold the old queue: each spills its unread items to overflow and
+        # exits before the uploaders restart (they claim overflow at boot); successors get the
+        # new queue from reap_listeners
+        self.board.gset(GlobalField.QUEUE_GENERATION, self.board.gget(GlobalField.QUEUE_GENERATION) + 1)
+        for listener in self.listeners:
+            if listener.process is not None:
+                listener.process.join(KILL_GRACE_S)
+                if listener.process.is_alive():
+                    log.error("listener %d did not hand over its queue: killing it", listener.index)
+                    listener.process.kill()
+                    listener.process.join(5)
+                listener.process.close()
+                listener.process = None
+                self.board.pset(listener.index, ProducerField.PID, 0)
+                listener.restart_at = 0.0
         old.cancel_join_thread()
         old.close()
-        log.warning("queue rebuilt with %d unread items", n)
+        log.warning("queue rebuilt with %d unread items of this process", n)
 
     # -- drain ------------------------------------------------------------------------------------
     def begin_drain(self) -> None:

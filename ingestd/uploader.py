@@ -256,6 +256,7 @@ def run_uploader(slot: int, config: Config, queue: JobQueue, board: Board) -> No
         always = config.spool.durability == "disk" and config.spool.journal_fsync == "always"
         slot_file = SlotFile(spool.slot_path(slot), fsync=always)
         uploader = Uploader(slot, config, queue, board, build_sink(config.sink), slot_file, spool, parent=parent)
+        spool.claim_overflow(slot_file)  # what listeners spilled when the queue was rebuilt
         loaded = uploader.load_inflight()
     except Exception:
         log.exception("uploader %d: cannot boot", slot)
