@@ -92,7 +92,7 @@ class Health:
                            for s in range(board.slots))
         full = depth >= self.capacity or queued_bytes >= self.max_bytes
         any_alive = any(v.alive for v in views)
-        draining = self.intake.draining or bool(board.gget(GlobalField.DRAINING))
+        draining = self.intake.draining
         if draining:
             status = "draining"
         elif sink_failing or full or not all(v.alive for v in views):

@@ -119,13 +119,14 @@ class Intake:
 
     @property
     def draining(self) -> bool:
-        return self._draining
+        # the board's flag is set by the supervisor: every listener process stops at once
+        return self._draining or bool(self.board.gget(GlobalField.DRAINING))
 
     def submit(self, received_at: float, count: int, lines: bytes) -> Admission:
         board, me = self.board, self.producer
         written = 0
         with self._lock:
-            if self._draining:
+            if self.draining:
                 return Admission.DRAINING
             if board.queued_bytes() + len(lines) > self.max_bytes:
                 board.padd(me, ProducerField.OVERLOAD_REJECTIONS)

@@ -107,6 +107,7 @@ def run_listener(index: int, config: Config, queue: JobQueue, board: Board, host
     log.info("listener %d serving http://%s:%d", index, host, port)
     last_sync = time.monotonic()
     generation = board.gget(GlobalField.QUEUE_GENERATION)
+    flushed = False
     while True:
         time.sleep(POLL_S)
         if os.getppid() != parent:
@@ -117,8 +118,9 @@ def run_listener(index: int, config: Config, queue: JobQueue, board: Board, host
                 journal.sync()
                 last_sync = time.monotonic()
             journal.retire(board.pget(index, ProducerField.CURSOR))
-        if board.gget(GlobalField.DRAINING) and not intake.draining:
-            intake.begin_drain()
+        if board.gget(GlobalField.DRAINING) and not flushed:
+            flushed = True
+            intake.begin_drain()  # no submit under way any more: the feeder holds them all
             deadline = time.monotonic() + config.shutdown.drain_timeout_s
             flushed = flush_feeder(queue, deadline)
             board.pset(index, ProducerField.FLUSHED, 1)
