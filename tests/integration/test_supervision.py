@@ -108,11 +108,15 @@ def test_sigkill_uploaders_under_load_loses_nothing(daemon_factory, s3_tables, s
     finally:
         load.join()
     health = d.health()
-    assert sum(w["restarts"] for w in health["workers"]) == kills
+    # a kill that lands while the victim reads a message tears the pipe: the supervisor then
+    # rebuilds the queue and restarts every uploader (and hands listeners over), not just the victim
+    rebuilds = d.log().count("rebuilding the queue")
+    restarts = sum(w["restarts"] for w in health["workers"])
+    assert kills <= restarts <= kills + rebuilds * len(health["workers"]), (restarts, kills, rebuilds)
     d.signal(signal.SIGTERM)
     assert d.wait(60) == 0, d.log()
     figures = check_delivery(load, payload_ids(read_bucket(s3, bucket)))
-    print("kill-under-load:", kills, "kills,", figures, dict(load.statuses))
+    print("kill-under-load:", kills, "kills,", rebuilds, "queue rebuilds,", figures, dict(load.statuses))
     assert figures["acknowledged"] > 0 and load.statuses[202] > 0
 
 
