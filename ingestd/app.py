@@ -20,7 +20,7 @@ import orjson
 
 from .config import Config
 from .health import Health, render_metrics
-from .jobqueue import Admission, Intake
+from .intake import Admission, Intake
 from .openapi import document
 from .records import encode_lines, exact_dumps
 from .validation import Limits, Rejection, decode_collection
@@ -79,6 +79,9 @@ class PayloadsResource:
             return count
         if admission is Admission.DRAINING:
             raise Rejection(503, "Service unavailable", "ingestd is draining for shutdown; send again later")
+        if admission is Admission.SPOOL:
+            raise Rejection(503, "Service unavailable",
+                            f"the spool cannot take requests now ({self.intake.blocked or 'write failed'}); send again later")
         raise Rejection(503, "Service unavailable", "the queue is full; send again later")
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:

@@ -8,6 +8,7 @@ one table of settings). Each field carries a one-line `help` used by `check-conf
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tomllib
@@ -72,8 +73,7 @@ class HttpConfig:
     )
     max_payloads: int = _opt(10000, "most payloads accepted in one request", _positive)
     threads: int = _opt(8, "waitress worker threads that run the request handler", _positive)
-    listeners: int = _opt(2, "processes serving HTTP on the listen port (SO_REUSEPORT); 1: the supervisor alone",
-                          _positive)
+    listeners: int = _opt(2, "listener processes serving HTTP on the listen port (one socket, shared)", _positive)
     connection_limit: int = _opt(1000, "most open client connections; more wait in the listen backlog", _positive)
     channel_timeout_s: int = _opt(30, "close a client connection idle (or stalled mid-body) this long", _positive)
     retry_after_s: int = _opt(1, "value of Retry-After on 503 answers", _positive)
@@ -92,15 +92,16 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class QueueConfig:
-    max_items: int = _opt(10000, "bound of the shared queue, in requests (one item per request)", _positive)
-    max_bytes: int = _opt(268435456, "bound of the shared queue in bytes of stored lines", _positive)
+    max_items: int = _opt(10000, "bound of the shared queue, in requests (one reference per request)", _positive)
+    max_bytes: int = _opt(268435456, "bound of what is accepted and not yet landed: bytes of the request logs", _positive)
 
 
 @dataclass(frozen=True)
 class WorkersConfig:
     count: int = _opt(2, "uploader processes", _positive)
-    heartbeat_timeout_s: float = _opt(60.0, "an uploader silent this long is killed and replaced", _positive)
-    restart_backoff_max_s: float = _opt(30.0, "longest wait between restarts of a crashing uploader", _positive)
+    heartbeat_timeout_s: float = _opt(60.0, "a child process (uploader, listener) silent this long is killed and replaced",
+                                      _positive)
+    restart_backoff_max_s: float = _opt(30.0, "longest wait between restarts of a crashing child process", _positive)
     boot_failures_fatal: int = _opt(5, "consecutive boot failures of an uploader that stop the daemon", _positive)
 
 
@@ -130,12 +131,28 @@ class SinkConfig:
 
 @dataclass(frozen=True)
 class SpoolConfig:
-    path: str = _opt("./data/spool", "in-flight batches, dead letters, drain overflow, disk journal")
-    durability: str = _opt("memory", "when a 202 is sent: memory (queued) | disk (journaled)", _one_of("memory", "disk"))
+    path: str = _opt("./data/spool", "dead letters, drain overflow, locks; with durability = disk also the logs")
+    durability: str = _opt("memory", "what a 202 survives: memory (any process death) | disk (also power loss)",
+                           _one_of("memory", "disk"))
+    memory_path: str = _opt("", "memory durability: tmpfs folder for logs and journals; empty: /dev/shm/ingestd-<hash of path>")
     journal_fsync: str = _opt("interval", "disk durability: fdatasync always (before each 202) | interval | never",
                               _one_of("always", "interval", "never"))
     journal_fsync_interval_ms: int = _opt(1000, "disk durability, interval policy: longest time between fdatasyncs", _positive)
-    journal_segment_bytes: int = _opt(4194304, "disk durability: size at which a journal segment is closed", _positive)
+    segment_bytes: int = _opt(4194304, "size at which a listener starts a new log segment (also after 1 s)", _positive)
+    max_bytes: int = _opt(1073741824, "cap on every file under spool.path; at the cap new requests get 503", _positive)
+
+    @property
+    def on_disk(self) -> bool:
+        return self.durability == "disk"
+
+    def logs_root(self) -> str:
+        """Where request logs and uploader journals live."""
+        if self.on_disk:
+            return self.path
+        if self.memory_path:
+            return self.memory_path
+        digest = hashlib.sha1(os.path.abspath(self.path).encode()).hexdigest()[:16]
+        return f"/dev/shm/ingestd-{digest}"
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,12 @@ from __future__ import annotations
 # code; operators tell the causes apart by the number.
 EXIT_OK = 0
 EXIT_CONFIG = 2  # the config file is missing or refused
-EXIT_STARTUP = 3  # the listener could not bind, or the spool is locked by another daemon
-EXIT_UPLOADER_BOOT = 4  # an uploader cannot even start: restarting it would only loop
+EXIT_STARTUP = 3  # cannot listen, the spool is locked by another daemon, or its children are still alive
+EXIT_CHILD_BOOT = 4  # a child (uploader, listener) cannot even start: restarting it would only loop
 
-# Exit code of an uploader process that failed while building its sink or loading its spool:
-# the supervisor stops respawning after this instead of entering a restart storm.
-UPLOADER_EXIT_BOOT_FAILED = 3
+# Exit code of a child process that failed while booting (building its sink, taking its lock,
+# recovering its files): the supervisor stops respawning after this instead of a restart storm.
+CHILD_EXIT_BOOT_FAILED = 3
 
 
 class IngestdError(Exception):

@@ -1,66 +1,47 @@
-"""Health and metrics: read what the other parts publish on the board, plus psutil figures.
+"""Health and metrics: read what the other processes publish on the scoreboard, plus psutil.
 
 `Health.snapshot()` is the body of `GET /health`; `render_metrics` turns the same snapshot into
-Prometheus text, so the two always agree. Readiness (the SPEC's): not draining, at least one
-live uploader, and room in the queue. A failing sink alone only makes the status "degraded".
+Prometheus text, so the two always agree. Readiness: not draining, every listener has started
+serving, at least one uploader has booted (its sink client built), room in the queue (depth
+and bytes not yet landed), and a writable spool under its cap. A failing sink alone only makes
+the status "degraded": buffering through an outage is the point.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .board import Board, GlobalField, ProducerField, SlotField
-from .jobqueue import Intake
-from .states import SlotState
+from .config import Config
+from .refqueue import RefQueue
+from .scoreboard import ChildField, Control, ListenerField, Phase, Role, Scoreboard, UploaderField
+from .states import ChildState
 
+if TYPE_CHECKING:
+    from .intake import Intake
 
-class WorkerView(NamedTuple):
-    slot: int
-    pid: int | None
-    alive: bool
-    restarts: int
-    state: str
-
-
-def board_worker_views(board: Board) -> Callable[[], list[WorkerView]]:
-    """Worker views from what the supervisor publishes on the board (for listener processes)."""
-    states = list(SlotState)
-
-    def views() -> list[WorkerView]:
-        out = []
-        for s in range(board.slots):
-            pid = board.get(s, SlotField.PID)
-            state = states[board.get(s, SlotField.STATE)]
-            out.append(WorkerView(s, pid or None, pid != 0 and psutil.pid_exists(pid), board.get(s, SlotField.RESTARTS),
-                                  state.value))
-        return out
-
-    return views
+_STATES = list(ChildState)
 
 
 class Health:
-    def __init__(self, board: Board, intake: Intake, capacity: int, max_bytes: int,
-                 workers: Callable[[], list[WorkerView]], clock: Callable[[], float] = time.time,
-                 supervisor_pid: int | None = None) -> None:
+    def __init__(self, board: Scoreboard, queue: RefQueue, config: Config, intake: Intake | None,
+                 supervisor_pid: int, clock: Callable[[], float] = time.time) -> None:
         self.board = board
+        self.queue = queue
+        self.capacity = config.queue.max_items
+        self.max_bytes = config.queue.max_bytes
         self.intake = intake
-        self.capacity = capacity
-        self.max_bytes = max_bytes
-        self.workers = workers
         self.clock = clock
         self._procs: dict[int, psutil.Process] = {}
-        # in a listener process, "the supervisor's own" figures are still the supervisor's
-        self._supervisor = psutil.Process(supervisor_pid)
-        self._supervisor.cpu_percent(None)
+        self._supervisor_pid = supervisor_pid
 
-    def _usage(self, pid: int | None) -> tuple[int, float]:
-        if pid is None:
+    def _usage(self, pid: int) -> tuple[int, float]:
+        if not pid:
             return 0, 0.0
         proc = self._procs.get(pid)
         try:
@@ -73,58 +54,78 @@ class Health:
             self._procs.pop(pid, None)
             return 0, 0.0
 
+    def _children(self, role: Role) -> list[dict[str, Any]]:
+        out = []
+        for i in range(self.board.counts[role]):
+            view = self.board.child(role, i)
+            pid = view[ChildField.PID]
+            rss, cpu = self._usage(pid)
+            out.append({"index": i, "pid": pid or None, "alive": bool(pid), "state": _STATES[view[ChildField.STATE]].value,
+                        "restarts": view[ChildField.RESTARTS], "rss_bytes": rss, "cpu_percent": cpu})
+        return out
+
     def snapshot(self) -> dict[str, Any]:
         board = self.board
-        views = self.workers()
-        live = {v.pid for v in views if v.pid}
+        uploaders = self._children(Role.UPLOADER)
+        for w, row in zip(uploaders, board.rows(Role.UPLOADER)):
+            w["booted"] = bool(w["pid"]) and row[UploaderField.BOOTED_PID] == w["pid"]
+            w["pending_payloads"] = row[UploaderField.PENDING_PAYLOADS]
+        listeners = self._children(Role.LISTENER)
+        for x, row in zip(listeners, board.rows(Role.LISTENER)):
+            x["serving"] = bool(x["pid"]) and row[ListenerField.SERVING_PID] == x["pid"]
+            x["accepted_requests"] = row[ListenerField.ACCEPTED_REQUESTS]
+        live = {w["pid"] for w in uploaders + listeners if w["pid"]} | {self._supervisor_pid}
         for pid in list(self._procs):
             if pid not in live:
                 del self._procs[pid]
-        workers = []
-        for v in views:
-            rss, cpu = self._usage(v.pid if v.alive else None)
-            workers.append({"slot": v.slot, "pid": v.pid, "alive": v.alive, "state": v.state, "rss_bytes": rss,
-                            "cpu_percent": cpu, "restarts": v.restarts,
-                            "pending_payloads": board.get(v.slot, SlotField.PENDING_PAYLOADS)})
-        depth = board.queued_items()
-        queued_bytes = board.queued_bytes()
-        sink_failing = any(board.get(s, SlotField.LAST_FAIL_MS) > board.get(s, SlotField.LAST_OK_MS)
-                           for s in range(board.slots))
-        full = depth >= self.capacity or queued_bytes >= self.max_bytes
-        any_alive = any(v.alive for v in views)
-        draining = self.intake.draining
+        depth = self.queue.depth()
+        log_bytes = board.total(Role.LISTENER, ListenerField.LOG_BYTES)
+        sink_failing = any(r[UploaderField.LAST_FAIL_MS] > r[UploaderField.LAST_OK_MS] for r in board.rows(Role.UPLOADER))
+        full = depth >= self.capacity or log_bytes >= self.max_bytes
+        blocked = self.intake.blocked if self.intake is not None else None
+        draining = board.phase is not Phase.RUNNING
+        reasons = []
+        if draining:
+            reasons.append("draining")
+        if not any(w["booted"] for w in uploaders):
+            reasons.append("no uploader has booted")
+        if not all(board.listener(i)[ListenerField.SERVING_PID] for i in range(len(listeners))):
+            reasons.append("not every listener has started")
+        if full:
+            reasons.append("queue full")
+        if blocked:
+            reasons.append(blocked)
         if draining:
             status = "draining"
-        elif sink_failing or full or not all(v.alive for v in views):
+        elif sink_failing or full or blocked or not all(c["alive"] for c in uploaders + listeners):
             status = "degraded"
         else:
             status = "ok"
-        try:
-            with self._supervisor.oneshot():
-                rss, cpu = self._supervisor.memory_info().rss, self._supervisor.cpu_percent(None)
-        except psutil.Error:  # the supervisor is gone: this listener is about to notice and exit
-            rss, cpu = 0, 0.0
-        listeners = [{"index": p, "pid": board.pget(p, ProducerField.PID) or None,
-                      "accepted_requests": board.pget(p, ProducerField.ACCEPTED_REQUESTS)}
-                     for p in range(board.producers)]
+        rss, cpu = self._usage(self._supervisor_pid)
         return {
             "status": status,
-            "ready": not draining and any_alive and not full,
-            "uptime_s": round(self.clock() - board.gget(GlobalField.STARTED_MS) / 1000, 3),
-            "queue": {"depth": depth, "capacity": self.capacity, "bytes": queued_bytes, "max_bytes": self.max_bytes},
+            "ready": not reasons,
+            "reasons": reasons,
+            "uptime_s": round(self.clock() - board.control[Control.STARTED_MS] / 1000, 3),
+            "epoch": board.epoch,
+            "queue": {"depth": depth, "capacity": self.capacity, "bytes": log_bytes, "max_bytes": self.max_bytes},
             "sink": {"failing": sink_failing},
-            "workers": workers,
-            "counters": {
-                "accepted_requests": board.ptotal(ProducerField.ACCEPTED_REQUESTS),
-                "accepted_payloads": board.ptotal(ProducerField.ACCEPTED_PAYLOADS),
-                "uploaded_payloads": board.total(SlotField.UPLOADED_PAYLOADS),
-                "uploaded_objects": board.total(SlotField.UPLOADED_OBJECTS),
-                "failed_uploads": board.total(SlotField.FAILED_UPLOADS),
-                "dead_lettered_payloads": board.total(SlotField.DEAD_LETTERED_PAYLOADS),
-                "rejected_requests": board.ptotal(ProducerField.REJECTED_REQUESTS),
-                "overload_rejections": board.ptotal(ProducerField.OVERLOAD_REJECTIONS),
-            },
+            "workers": uploaders,
             "listeners": listeners,
+            "counters": {
+                "accepted_requests": board.total(Role.LISTENER, ListenerField.ACCEPTED_REQUESTS),
+                "accepted_payloads": board.total(Role.LISTENER, ListenerField.ACCEPTED_PAYLOADS),
+                "uploaded_payloads": board.total(Role.UPLOADER, UploaderField.UPLOADED_PAYLOADS),
+                "uploaded_objects": board.total(Role.UPLOADER, UploaderField.UPLOADED_OBJECTS),
+                "failed_uploads": board.total(Role.UPLOADER, UploaderField.FAILED_UPLOADS),
+                "dead_lettered_payloads": board.total(Role.UPLOADER, UploaderField.DEAD_LETTERED_PAYLOADS),
+                "rejected_requests": board.total(Role.LISTENER, ListenerField.REJECTED_REQUESTS),
+                "overload_rejections": board.total(Role.LISTENER, ListenerField.OVERLOAD_REJECTIONS),
+                "reindexed_payloads": board.total(Role.LISTENER, ListenerField.REINDEXED_PAYLOADS),
+                "resent_objects": board.total(Role.UPLOADER, UploaderField.RESENT_OBJECTS),
+                "damaged_records": board.total(Role.UPLOADER, UploaderField.DAMAGED_RECORDS),
+                "quarantined_bytes": board.total(Role.LISTENER, ListenerField.QUARANTINED_BYTES),
+            },
             "rss_bytes": rss,
             "cpu_percent": cpu,
         }
@@ -138,7 +139,11 @@ _COUNTER_HELP = {
     "failed_uploads": "Upload attempts that failed (each retry counts).",
     "dead_lettered_payloads": "Payloads the sink refused for good, kept in the dead-letter spool.",
     "rejected_requests": "POSTs to the ingest path answered 4xx or 503.",
-    "overload_rejections": "Ingest requests answered 503 because the queue was full.",
+    "overload_rejections": "Ingest requests answered 503 because the queue, the logs or the spool were full.",
+    "reindexed_payloads": "Payloads put back on the queue after a child process died.",
+    "resent_objects": "Objects sent again to their own key after a crash left them without an outcome.",
+    "damaged_records": "Logged records that failed their checksum when read (quarantined).",
+    "quarantined_bytes": "Damaged bytes found in request logs at recovery (quarantined).",
 }
 
 
@@ -153,19 +158,23 @@ class _SnapshotCollector:
             c.add_metric([], value)
             yield c
         gauges = {
-            "ingestd_queue_depth": ("Items (requests) waiting in the queue.", s["queue"]["depth"]),
+            "ingestd_queue_depth": ("References waiting in the queue.", s["queue"]["depth"]),
             "ingestd_queue_capacity": ("Bound of the queue (queue.max_items).", s["queue"]["capacity"]),
-            "ingestd_queue_bytes": ("Bytes of lines waiting in the queue.", s["queue"]["bytes"]),
+            "ingestd_queue_bytes": ("Bytes of request logs not yet landed (queue.max_bytes bounds it).",
+                                    s["queue"]["bytes"]),
             "ingestd_ready": ("1 when the daemon accepts requests.", int(s["ready"])),
             "ingestd_draining": ("1 while draining at shutdown.", int(s["status"] == "draining")),
             "ingestd_sink_failing": ("1 when the last upload attempt of some uploader failed.", int(s["sink"]["failing"])),
             "ingestd_uptime_seconds": ("Seconds since the supervisor started.", s["uptime_s"]),
+            "ingestd_epoch": ("Re-index epoch: bumped after every abnormal child death.", s["epoch"]),
             "ingestd_uploaders_alive": ("Uploader processes alive.", sum(w["alive"] for w in s["workers"])),
+            "ingestd_listeners_alive": ("Listener processes alive.", sum(x["alive"] for x in s["listeners"])),
             "ingestd_pending_payloads": ("Payloads held by uploaders, not yet written.",
                                          sum(w["pending_payloads"] for w in s["workers"])),
-            "ingestd_uploader_restarts": ("Uploader restarts since start.", sum(w["restarts"] for w in s["workers"])),
+            "ingestd_restarts": ("Child process restarts since start.",
+                                 sum(c["restarts"] for c in s["workers"] + s["listeners"])),
             "ingestd_rss_bytes": ("Resident memory of all ingestd processes.",
-                                  s["rss_bytes"] + sum(w["rss_bytes"] for w in s["workers"])),
+                                  s["rss_bytes"] + sum(c["rss_bytes"] for c in s["workers"] + s["listeners"])),
         }
         for name, (help_text, value) in gauges.items():
             g = GaugeMetricFamily(name, help_text)

@@ -1,16 +1,26 @@
-"""The HTTP listener: the Falcon app on waitress, in the supervisor or in listener processes.
+"""The listener process: the Falcon app on waitress, its request log, and its keeper.
 
-`create_listener` binds the socket and builds the waitress server; the supervisor serves
-through it in a thread. With `http.listeners` = N > 1, the supervisor also starts N - 1
-listener processes (`run_listener`) bound to the same port with SO_REUSEPORT, so the kernel
-spreads connections over N processes and N GILs. Each one is a producer of the shared queue
-with its own intake (sequence numbers, ledger, journal) and its own row on the board.
+`run_listener` is the process target. The supervisor binds the listening socket once and hands
+it to every listener (as gunicorn's arbiter does), so the port and its accept backlog outlive
+any one listener. Each listener:
 
-A listener process follows the supervisor through the board (and leaves, spilling, when the
-supervisor rebuilds a torn queue): at DRAINING it answers 503 and
-waits until its queue feeder has written every accepted item into the pipe (FLUSHED), so the
-supervisor's STOP sentinels land behind them; at LISTENERS_EXIT (the uploaders are gone) it
-spills what no uploader read to the spool and exits.
+- serves HTTP in waitress' threads; the ingest handler calls `Intake.submit` (log, then queue);
+- runs the *keeper* in its main thread, every 50 ms:
+  - follows the epoch: after any abnormal child death the supervisor bumps it, and the keeper
+    re-indexes: it waits until every live uploader has acknowledged the epoch (dropped what it
+    held unjournaled), reads every journal's intents, then the `.landed` files, and puts back on
+    the queue every part of its log before the epoch's cut that is in neither. Reading the
+    journals first matters: a journal file is deleted only after its intents' parts were
+    recorded as landed, so a part missed in one is found in the other;
+  - rotates the current segment after a second, fdatasyncs under the "interval" policy, deletes
+    segments whose every line has landed, publishes its log's size, watches the spool cap and
+    retries a log that could not be written, so service resumes by itself;
+  - follows the drain: refuse new requests, report QUIET once nothing is between log and
+    queue, and at EXIT stop serving, seal the log and leave.
+
+At boot a listener adopts its predecessor's folder (and those of listener indexes that no
+longer exist): torn tails are cut, damaged bytes quarantined, and what is unlanded is
+re-indexed like after an epoch change.
 """
 
 from __future__ import annotations
@@ -18,37 +28,35 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import waitress
 
 from .app import create_app
-from .board import Board, GlobalField, ProducerField
-from .config import Config, bearer_tokens
-from .health import Health, board_worker_views
-from .jobqueue import Intake, JobQueue
-from .journal import Journal
 from .child import setup_child
-from .spool import Spool
+from .config import Config, bearer_tokens
+from .errors import CHILD_EXIT_BOOT_FAILED
+from .health import Health
+from .intake import Intake
+from .journal import read_all_intents
+from .refqueue import RefQueue
+from .requestlog import Covered, RequestLog
+from .scoreboard import ChildField, ListenerField, Phase, Role, Scoreboard, UploaderField
+from .spool import Lock, Spool, is_space_error
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.05
+TICK_S = 0.05
+COLLECT_EVERY_S = 0.2
+USAGE_EVERY_S = 1.0
+PROBE_BYTES = 65536
 
 
-def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after any exit
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock
-
-
-def create_listener(app: Any, config: Config, sock: socket.socket) -> Any:
+def create_server(app: Any, config: Config, sock: socket.socket) -> Any:
     h = config.http
     return waitress.create_server(
         app,
@@ -68,79 +76,216 @@ def create_listener(app: Any, config: Config, sock: socket.socket) -> Any:
     )
 
 
-def open_journal(config: Config, spool: Spool, producer: int) -> Journal | None:
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after any exit
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+class Every:
+    """True once every `seconds` (monotonic)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._last = 0.0
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self.seconds:
+            self._last = now
+            return True
+        return False
+
+
+class Keeper:
+    def __init__(self, index: int, config: Config, intake: Intake, board: Scoreboard, spool: Spool,
+                 queue: RefQueue) -> None:
+        self.index = index
+        self.config = config
+        self.intake = intake
+        self.log = intake.log
+        self.board = board
+        self.row = board.listener(index)
+        self.spool = spool
+        self.queue = queue
+        self.pid = os.getpid()
+        self.collect_due = Every(COLLECT_EVERY_S)
+        self.usage_due = Every(USAGE_EVERY_S)
+        self.sync_due = Every(config.spool.journal_fsync_interval_ms / 1000)
+        self.cap_blocked = False
+
+    # -- epochs and the re-index ---------------------------------------------------------------------
+    def uploaders_acknowledged(self, epoch: int) -> bool:
+        for k in range(self.board.counts[Role.UPLOADER]):
+            pid = self.board.child(Role.UPLOADER, k)[ChildField.PID]
+            row = self.board.uploader(k)
+            if pid and not (row[UploaderField.ACK_EPOCH] == epoch and row[UploaderField.BOOTED_PID] == pid):
+                return False
+        return True
+
+    def reindex(self, epoch: int) -> bool:
+        """Put back every unlanded, unjournaled part before the cut of `epoch`. False if a newer
+        epoch (or the exit) interrupted it."""
+        cut = self.intake.begin_epoch(epoch)
+
+        def current() -> bool:
+            self.row.beat()
+            return self.board.epoch == epoch and self.board.phase is not Phase.EXIT
+
+        while self.intake.pending_before(epoch) or not self.uploaders_acknowledged(epoch):
+            if not current():
+                return False
+            time.sleep(0.01)
+        covered: Covered = {}
+        for intent in read_all_intents(self.spool.journals_dir):  # journals first, then .landed
+            for p in intent.parts:
+                covered.setdefault((p.listener, p.segment, p.offset), []).append((p.first_line, p.count))
+        parts = self.log.uncovered(covered, cut, self.intake.lock)
+        with self.intake.lock:
+            refs = [self.log.ref(p, epoch) for p in parts]
+        done = 0
+        while done < len(refs):
+            done += self.queue.put_many(refs[done:])
+            if done < len(refs):
+                if not current():
+                    return False
+                time.sleep(0.005)
+        payloads = sum(r.count for r in refs)
+        self.row.add(ListenerField.REINDEXED_PAYLOADS, payloads)
+        self.row[ListenerField.INDEXED_EPOCH] = epoch
+        if refs:
+            log.info("listener %d: epoch %d: %d payloads put back on the queue", self.index, epoch, payloads)
+        return True
+
+    # -- the spool -------------------------------------------------------------------------------------
+    def check_spool(self) -> None:
+        intake = self.intake
+        if self.row[ListenerField.SPOOL_ERROR] and self.probe():
+            self.row[ListenerField.SPOOL_ERROR] = 0
+            log.info("listener %d: the request log is writable again", self.index)
+        if self.usage_due():
+            used = self.spool.used_bytes()
+            self.cap_blocked = used >= self.config.spool.max_bytes
+        reasons = []
+        if self.row[ListenerField.SPOOL_ERROR]:
+            reasons.append("request log not writable")
+        if self.cap_blocked:
+            reasons.append(f"spool.max_bytes ({self.config.spool.max_bytes}) reached")
+        if any(r[UploaderField.DEAD_LETTER_BLOCKED] for r in self.board.rows(Role.UPLOADER)):
+            reasons.append("dead letters cannot be written")
+        intake.blocked = "; ".join(reasons) or None
+        intake.others_bytes = sum(r[ListenerField.LOG_BYTES] for i, r in enumerate(self.board.rows(Role.LISTENER))
+                                  if i != self.index)
+
+    def probe(self) -> bool:
+        """Can the log's folder take a write again? (a full disk or an I/O error may heal)"""
+        path = self.log.dir / f".probe-{self.pid}"
+        try:
+            self.log.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, b"\0" * PROBE_BYTES)
+                if self.config.spool.on_disk:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+            return True
+        except OSError as e:
+            if not is_space_error(e):
+                log.error("listener %d: probing the request log folder: %s", self.index, e)
+            return False
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One tick; False once the listener must exit."""
+        self.row.beat()
+        phase = self.board.phase
+        if phase is not Phase.RUNNING and not self.intake.draining:
+            self.intake.begin_drain()
+        if self.board.epoch != self.row[ListenerField.INDEXED_EPOCH]:
+            self.reindex(self.board.epoch)
+        quiet = self.intake.draining and not self.intake.pending()
+        if quiet and self.row[ListenerField.QUIET_PID] != self.pid:
+            self.row[ListenerField.QUIET_PID] = self.pid
+            log.info("listener %d: draining: every request it accepted is logged and indexed", self.index)
+        with self.intake.lock:
+            self.log.rotate_if_old()
+            if quiet:
+                self.log.seal()  # so that its segments can go as soon as they have landed
+        if self.log.fsync == "interval" and self.sync_due():
+            try:
+                self.log.sync()
+            except OSError as e:
+                log.error("listener %d: fdatasync of the request log failed: %s", self.index, e)
+        if self.collect_due():
+            self.log.collect(self.intake.lock)
+        self.row[ListenerField.LOG_BYTES] = self.log.total_bytes
+        self.check_spool()
+        return phase is not Phase.EXIT
+
+
+def adopt_logs(log_: RequestLog, spool: Spool, index: int, count: int, held: list[Lock]) -> int:
+    """Its own folder, then those of listener indexes >= count that map to it (k mod count)."""
+    found = log_.adopt(index)
+    for k in spool.indexes(spool.logs_dir):
+        if k >= count and k % count == index:
+            lock = spool.child_lock(f"listener-{k}")
+            if lock.acquire(0):
+                held.append(lock)
+                found += log_.adopt(k)
+    return found
+
+
+def run_listener(index: int, config: Config, queue: RefQueue, board: Scoreboard, sock: socket.socket) -> None:
+    """Process target of listener `index`."""
+    spool = Spool(config.spool)
+    held = [spool.child_lock(f"listener-{index}")]
+    parent = setup_child(config.log, f"listener-{index}", held[0])
+    row = board.listener(index)
+    row.beat()
     sp = config.spool
-    if sp.durability != "disk":
-        return None
-    directory = spool.journal_dir / f"p{producer}"
-    directory.mkdir(parents=True, exist_ok=True)
-    moved = spool.retire_journal(directory)  # a dead predecessor's segments: sent at the next start
-    if moved:
-        log.warning("listener %d: %d journal segments of a previous process moved to %s",
-                    producer, moved, spool.overflow_dir)
-    return Journal(directory, sp.journal_fsync, sp.journal_segment_bytes)
-
-
-def flush_feeder(queue: JobQueue, deadline: float) -> bool:
-    """Wait until this process's queue feeder thread has written everything into the pipe."""
-    queue.close()
-    thread = queue._thread  # type: ignore[attr-defined]
-    if thread is not None:
-        thread.join(max(0.0, deadline - time.monotonic()))
-        return not thread.is_alive()
-    return True
-
-
-def run_listener(index: int, config: Config, queue: JobQueue, board: Board, host: str, port: int) -> None:
-    """Process target of listener `index` (>= 1)."""
-    parent = setup_child(config.log, f"listener-{index}")
-    spool = Spool(config.spool.path)
-    journal = open_journal(config, spool, index)
-    intake = Intake(queue, board, config.queue.max_bytes, journal, producer=index)
-    health = Health(board, intake, config.queue.max_items, config.queue.max_bytes, board_worker_views(board),
-                    supervisor_pid=parent)
+    try:
+        request_log = RequestLog(spool.logs_dir, index, sp.journal_fsync if sp.on_disk else "none", sp.segment_bytes,
+                                 quarantine=spool.quarantine)
+        adopted = adopt_logs(request_log, spool, index, config.http.listeners, held)
+    except Exception:
+        log.exception("listener %d: cannot boot", index)
+        sys.exit(CHILD_EXIT_BOOT_FAILED)
+    row.add(ListenerField.QUARANTINED_BYTES, request_log.damaged_bytes)
+    intake = Intake(index, request_log, queue, board, config.queue.max_items, config.queue.max_bytes,
+                    always_sync=sp.on_disk and sp.journal_fsync == "always")
+    health = Health(board, queue, config, intake, supervisor_pid=parent)
     app = create_app(config, intake, health, bearer_tokens(config.auth))
-    server = create_listener(app, config, bind_socket(host, port, reuse_port=True))
+    server = create_server(app, config, sock)
+    keeper = Keeper(index, config, intake, board, spool, queue)
+    keeper.step()  # publishes the log's size and the spool's state before the first request
     threading.Thread(target=server.run, name="waitress", daemon=True).start()
-    board.pset(index, ProducerField.FLUSHED, 0)
-    board.pset(index, ProducerField.PID, os.getpid())
-    log.info("listener %d serving http://%s:%d", index, host, port)
-    last_sync = time.monotonic()
-    generation = board.gget(GlobalField.QUEUE_GENERATION)
-    flushed = False
-    while True:
-        time.sleep(POLL_S)
-        if os.getppid() != parent:
-            log.error("listener %d: supervisor is gone; exiting", index)
-            break
-        if journal is not None:
-            if time.monotonic() - last_sync >= config.spool.journal_fsync_interval_ms / 1000:
-                journal.sync()
-                last_sync = time.monotonic()
-            journal.retire(board.pget(index, ProducerField.CURSOR))
-        if board.gget(GlobalField.DRAINING) and not flushed:
-            flushed = True
-            intake.begin_drain()  # no submit under way any more: the feeder holds them all
-            deadline = time.monotonic() + config.shutdown.drain_timeout_s
-            flushed = flush_feeder(queue, deadline)
-            board.pset(index, ProducerField.FLUSHED, 1)
-            log.info("listener %d: draining; accepted items %s the pipe", index,
-                     "are all in" if flushed else "could not all be written to")
-        if board.gget(GlobalField.LISTENERS_EXIT):
-            break
-        if board.gget(GlobalField.QUEUE_GENERATION) != generation:
-            # the supervisor rebuilt a torn queue: what this process put on the old one and no
-            # uploader read goes to overflow, which the restarted uploaders claim; a successor
-            # is started on the new queue
-            log.warning("listener %d: the queue was rebuilt; handing over and exiting", index)
-            break
-    left = intake.unread()
-    if left:
-        path = spool.write_overflow(left)
-        log.warning("listener %d: %d payloads never left the queue; spilled to %s",
-                    index, sum(i.count for i in left), path)
-    if journal is not None:
-        journal.close()
-    board.pset(index, ProducerField.PID, 0)
+    row[ListenerField.SERVING_PID] = os.getpid()
+    log.info("listener %d: serving (pid %d, %d payloads of earlier processes adopted)", index, os.getpid(), adopted)
+    run_keeper(keeper, lambda: os.getppid() != parent)
+    with intake.lock:
+        request_log.seal()
+    request_log.collect(intake.lock)  # what the uploaders landed while draining goes now
+    row[ListenerField.LOG_BYTES] = request_log.total_bytes
+    request_log.close()
     log.info("listener %d: exiting", index)
-    os._exit(0)  # the queue's feeder may be stuck on a full pipe nobody reads any more
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # waitress' threads may hold connections: the process is done
+
+
+def run_keeper(keeper: Keeper, orphaned: Callable[[], bool]) -> None:
+    while True:
+        time.sleep(TICK_S)
+        if orphaned():
+            log.error("listener %d: the supervisor is gone; exiting", keeper.index)
+            return
+        try:
+            if not keeper.step():
+                return
+        except Exception:  # a bug in housekeeping must not stop ingest: log it, go on
+            log.exception("listener %d: keeper step failed", keeper.index)

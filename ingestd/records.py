@@ -1,35 +1,31 @@
-"""What travels through ingestd: queue items, their NDJSON envelope lines, and the spool file format.
+"""What travels through ingestd on disk: envelope lines, and the checksummed record framing
+that every log, journal and spool file uses.
 
-One `Item` per accepted request. The request handler turns the validated payloads into the
-final NDJSON lines at once, so an uploader only concatenates bytes: nothing is parsed or
-serialized twice.
+The request handler turns the validated payloads of a request into their final NDJSON lines
+at once (`encode_lines`), so nothing downstream parses or serializes a payload again: an
+uploader only concatenates bytes.
 
-Spool files (in-flight batches, dead letters, drain overflow, journal) are sequences of framed
-records: a fixed header (magic, lengths, receive time, CRC-32) and the item's lines. A reader
-stops at the first torn or corrupt record, which is what a process killed mid-write leaves.
+Framing: every file ingestd writes and reads back (request logs, uploader journals, dead
+letters) is a sequence of records `header | body`, the header holding a magic number, the
+record's kind, the body's length and a CRC-32 over the header fields and the body. `scan`
+reads a file back and trusts nothing: a record whose checksum fails is either a *torn tail*
+(nothing valid follows it: what a process killed mid-write, a full disk or a power cut
+leaves) or *damage* (a valid record follows it). Torn tails are cut by whoever recovers the
+file and nothing is ever appended after one; damaged ranges are skipped and reported, and the
+valid records around them are kept.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, BinaryIO, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import orjson
-
-
-class Item(NamedTuple):
-    seq: int  # order of admission in this supervisor run; 0 for items read back from a spool
-    received_at: float  # seconds since the epoch, when the request was accepted
-    count: int  # payloads (lines) in `lines`
-    lines: bytes  # NDJSON envelope lines, each ending in b"\n"
-    producer: int = 0  # which listener put it (its seq numbers are that listener's own)
-
-
-STOP = Item(-1, 0.0, 0, b"")  # sentinel put on the queue once per uploader at drain
 
 
 def rfc3339_ms(t: float) -> str:
@@ -51,52 +47,112 @@ def encode_lines(received_at: float, version: str | None, payloads: Sequence[dic
     return b"".join([head + dumps(p) + b"}\n" for p in payloads])
 
 
-# magic, length of lines, payload count, received_at, crc32 of lines
-_HEADER = struct.Struct("<4sIIdI")
-_MAGIC = b"IGD1"
-
-
-def frame(item: Item) -> bytes:
-    return _HEADER.pack(_MAGIC, len(item.lines), item.count, item.received_at, zlib.crc32(item.lines)) + item.lines
-
-
-def write_records(f: BinaryIO, items: Sequence[Item]) -> None:
-    f.write(b"".join(frame(i) for i in items))
-
-
-def read_records(f: BinaryIO) -> Iterator[Item]:
-    """Yield the whole records of a spool file; stop quietly at a torn or corrupt tail."""
-    start = f.tell()
-    size = f.seek(0, 2)
-    f.seek(start)
-    while True:
-        header = f.read(_HEADER.size)
-        if len(header) < _HEADER.size:
-            return
-        magic, length, count, received_at, crc = _HEADER.unpack(header)
-        if magic != _MAGIC or length > size - f.tell():  # a damaged length must not allocate GiBs
-            return
-        lines = f.read(length)
-        if len(lines) < length or zlib.crc32(lines) != crc:
-            return
-        yield Item(0, received_at, count, lines)
-
-
-def split_lines(item: Item, first: int) -> tuple[Item, Item]:
-    """Cut an item after its `first` lines (0 < first < count)."""
-    pos = -1
+def slice_lines(lines: bytes, first: int, count: int) -> bytes:
+    """Lines `first` .. `first + count` of a block of newline-terminated lines."""
+    start = 0
     for _ in range(first):
-        pos = item.lines.index(b"\n", pos + 1)
-    head, tail = item.lines[: pos + 1], item.lines[pos + 1 :]
-    return item._replace(count=first, lines=head), item._replace(count=item.count - first, lines=tail)
+        start = lines.index(b"\n", start) + 1
+    end = start
+    for _ in range(count):
+        end = lines.index(b"\n", end) + 1
+    return lines[start:end]
 
 
-def first_lines_within(item: Item, max_bytes: int) -> int:
-    """How many leading lines of `item` fit in `max_bytes` (0 when even the first does not)."""
+def lines_within(lines: bytes, max_bytes: int, most: int) -> int:
+    """How many leading lines (at most `most`) fit in `max_bytes` (0 when even the first does not)."""
     n, pos = 0, 0
-    while n < item.count:
-        nxt = item.lines.index(b"\n", pos) + 1
+    while n < most:
+        nxt = lines.index(b"\n", pos) + 1
         if nxt > max_bytes:
             break
         n, pos = n + 1, nxt
     return n
+
+
+class Kind(enum.IntEnum):
+    REQUEST = 1  # request log: one accepted request (received_at, count, lines)
+    CANCEL = 2  # request log: a request appended and then refused (its offset)
+    INTENT = 3  # uploader journal: an object about to be written (key, parts)
+    LANDED = 4  # uploader journal: that object is in the sink
+    DEAD = 5  # uploader journal: that object went to the dead-letter spool
+
+
+MAGIC = 0x4947  # b"GI" on disk
+# magic, kind, flags (reserved), body length, crc32 of the first 8 header bytes and the body
+HEADER = struct.Struct("<HBBII")
+_MAGIC_BYTES = struct.pack("<H", MAGIC)
+_REQUEST = struct.Struct("<dI")  # received_at, payload count; the lines follow
+
+
+def frame(kind: Kind, body: bytes) -> bytes:
+    head = struct.pack("<HBBI", MAGIC, kind, 0, len(body))
+    return head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head))) + body
+
+
+def request_record(received_at: float, count: int, lines: bytes) -> bytes:
+    return frame(Kind.REQUEST, _REQUEST.pack(received_at, count) + lines)
+
+
+class Request(NamedTuple):
+    received_at: float
+    count: int  # type: ignore[assignment]
+    lines: bytes
+
+
+def parse_request(body: bytes | memoryview) -> Request:
+    received_at, count = _REQUEST.unpack_from(body)
+    return Request(received_at, count, bytes(body[_REQUEST.size :]))
+
+
+class Record(NamedTuple):
+    offset: int  # where the record starts in its file
+    size: int  # header and body
+    kind: Kind
+    body: memoryview
+
+
+def _record_at(data: bytes | memoryview, pos: int) -> Record | None:
+    """The valid record starting at `pos`, or None."""
+    if len(data) - pos < HEADER.size:
+        return None
+    magic, kind, _flags, length, crc = HEADER.unpack_from(data, pos)
+    end = pos + HEADER.size + length
+    if magic != MAGIC or end > len(data):  # a damaged length never allocates: it is checked against the file
+        return None
+    view = memoryview(data)
+    body = view[pos + HEADER.size : end]
+    if zlib.crc32(body, zlib.crc32(view[pos : pos + 8])) != crc:
+        return None
+    try:
+        return Record(pos, end - pos, Kind(kind), body)
+    except ValueError:
+        return None
+
+
+class Scan(NamedTuple):
+    records: list[Record]
+    good_end: int  # end of the last valid record: where a torn tail starts (== len(data) if none)
+    damaged: list[tuple[int, int]]  # byte ranges skipped because valid records follow them
+
+
+def scan(data: bytes | memoryview) -> Scan:
+    """Read every valid record of a file's contents; see the module docstring."""
+    records: list[Record] = []
+    damaged: list[tuple[int, int]] = []
+    pos, size = 0, len(data)
+    raw = bytes(data) if isinstance(data, memoryview) else data
+    while pos < size:
+        rec = _record_at(data, pos)
+        if rec is not None:
+            records.append(rec)
+            pos += rec.size
+            continue
+        # not a valid record here: look for the next one that is
+        nxt = raw.find(_MAGIC_BYTES, pos + 1)
+        while nxt >= 0 and _record_at(data, nxt) is None:
+            nxt = raw.find(_MAGIC_BYTES, nxt + 1)
+        if nxt < 0:
+            return Scan(records, pos, damaged)  # torn tail
+        damaged.append((pos, nxt))
+        pos = nxt
+    return Scan(records, pos, damaged)

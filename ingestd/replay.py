@@ -1,77 +1,143 @@
-"""`ingestd replay`: upload what sits in the spool and remove what landed. Safe to run twice.
+"""`ingestd replay`: deliver what sits in the spool, through the daemon's own `Delivery`.
 
-With the daemon stopped (the spool lock is free), everything is replayed: dead letters, drain
-overflow and in-flight files. With the daemon running, only dead letters (the rest is the
-daemon's). A file is rewritten after each object that lands, so a replay that fails half-way
-and is run again sends nothing twice. Retryable errors are retried until `--deadline`.
+While the daemon runs (it holds the spool lock), only dead letters are replayed: everything
+else is the daemon's, and it delivers it itself. With the daemon stopped, replay takes the
+spool lock (so a daemon cannot start meanwhile) and runs the daemon's recovery in one process:
+open intents of every journal are sent again to their own keys, then every part of the logs
+that is neither landed nor journaled is batched, journaled and sent like an uploader would,
+then landed segments and finished journals are deleted. A dead letter is removed after its
+object landed at the key it was refused at. Everything is recorded as it goes, so a replay that
+is interrupted and run again sends nothing twice.
 """
 
 from __future__ import annotations
 
+import array
 import logging
-import multiprocessing
-from pathlib import Path
+import os
+import threading
 
-from .batching import Batcher
-from .board import Board, GlobalField, now_ms
+from .batching import Batcher, Piece
 from .config import Config
+from .delivery import DeadlineReached, Delivery
 from .errors import PermanentSinkError, SpoolLockedError
-from .records import frame
+from .journal import Journal, read_all_intents
+from .requestlog import Covered, RequestLog, read_record, segment_path
+from .scoreboard import Row, UploaderField, now_ms
 from .sinks import KeyMaker, build_sink
-from .spool import Spool, read_file, write_atomically
-from .uploader import DrainDeadline, Uploader, encode_object
+from .spool import Lock, Spool
 
 log = logging.getLogger(__name__)
 
 
 def replay(config: Config, deadline_s: float = 120.0) -> int:
-    spool = Spool(config.spool.path, fsync=True)
+    spool = Spool(config.spool)
     spool.prepare()
-    try:
-        spool.lock(".replay.lock")
-    except SpoolLockedError:
+    if not Lock(spool.root / ".replay.lock").acquire():
         log.error("another replay is running on %s", spool.root)
         return 1
     try:
-        spool.lock()
+        spool.lock_daemon()
         daemon_running = False
     except SpoolLockedError:
         daemon_running = True
-        log.info("the daemon is running: replaying dead letters only")
-    files = list(spool.dead_dir.glob("*.rec"))
-    if not daemon_running:
-        files += list(spool.overflow_dir.glob("*.rec")) + list(spool.inflight_dir.glob("slot-*.rec"))
-    board = Board(multiprocessing.get_context("spawn"), 1)
-    board.gset(GlobalField.DRAIN_DEADLINE_MS, now_ms() + int(deadline_s * 1000))
-    uploader = Uploader(0, config, None, board, build_sink(config.sink), None, spool)
-    keys = KeyMaker(config.sink.prefix, config.batch.compression == "gzip")
-    sent = objects = failed = 0
-    for path in sorted(files):
-        try:
-            n, k = replay_file(path, config, uploader, keys, spool)
-            sent, objects = sent + n, objects + k
-        except (PermanentSinkError, DrainDeadline) as e:
-            failed += 1
-            log.error("replay of %s stopped: %s; the rest stays in the file", path, e or "deadline passed")
-    print(f"replayed {sent} payloads in {objects} objects from {len(files) - failed} of {len(files)} files"
-          f" ({failed} left in {spool.root})")
+        log.info("the daemon is running: replaying dead letters only (it delivers the rest itself)")
+    deadline = now_ms() + int(deadline_s * 1000)
+    row = Row(array.array("q", [0] * len(UploaderField)), 0)
+    b, s = config.batch, config.sink
+    delivery = Delivery("replay", build_sink(s), spool, KeyMaker(s.prefix, b.compression == "gzip"), b.compression,
+                        b.gzip_level, s.retry_base_ms, s.retry_max_ms, row, deadline_ms=lambda: deadline)
+    try:
+        if not daemon_running:
+            held = spool.wait_for_old_children(10.0)
+            if held:
+                log.error("processes of an earlier ingestd still hold %s: not replaying beside them", ", ".join(held))
+                return 1
+            spool.restore_overflow()
+            replay_logs(config, spool, delivery)
+        dead, failed = replay_dead_letters(spool, delivery)
+    except DeadlineReached:
+        print(f"replay stopped at its deadline ({deadline_s:.0f}s); what is left stays in the spool")
+        return 1
+    sent = row[UploaderField.UPLOADED_PAYLOADS]
+    print(f"replayed {sent} payloads in {row[UploaderField.UPLOADED_OBJECTS]} objects "
+          f"({row[UploaderField.RESENT_OBJECTS]} objects sent again to their own key, {dead} dead letters); "
+          f"{failed} dead letters refused again")
     return 1 if failed else 0
 
 
-def replay_file(path: Path, config: Config, uploader: Uploader, keys: KeyMaker, spool: Spool) -> tuple[int, int]:
+def replay_logs(config: Config, spool: Spool, delivery: Delivery) -> None:
+    fsync = config.spool.journal_fsync if config.spool.on_disk else "none"
+    journals = [Journal(spool.journal_dir(str(k)), fsync) for k in spool.indexes(spool.journals_dir)]
+    for journal in journals:
+        for intent in journal.recover():
+            delivery.deliver(intent, journal)
+    listeners = spool.indexes(spool.logs_dir)
+    if not listeners:
+        return
+    free = max([config.workers.count - 1, *spool.indexes(spool.journals_dir)]) + 1
+    own = Journal(spool.journal_dir(str(free)), fsync)  # an orphan index: an uploader adopts it if replay dies
+    logs = RequestLog(spool.logs_dir, max(listeners) + 1, "none", config.spool.segment_bytes,
+                      quarantine=spool.quarantine)
+    for listener in listeners:
+        logs.adopt(listener)
+    covered: Covered = {}
+    for intent in read_all_intents(spool.journals_dir):
+        for p in intent.parts:
+            covered.setdefault((p.listener, p.segment, p.offset), []).append((p.first_line, p.count))
+    lock = threading.Lock()
     b = config.batch
     batcher = Batcher(b.max_payloads, b.max_bytes, b.max_age_ms / 1000.0, lambda: 0.0)
-    for item in read_file(path):
-        batcher.add(item)
-    batches = batcher.take_all()
-    sent = 0
-    for i, batch in enumerate(batches):
-        key, body, encoding = encode_object(batch, b, keys)
-        uploader.put_with_retry(key, body, encoding, batch.count)
-        sent += batch.count
-        rest = [item for later in batches[i + 1 :] for item in later.items]
-        if rest:
-            write_atomically(path, b"".join(frame(it) for it in rest), fsync=True)
-        log.info("replayed %d payloads from %s to %s", batch.count, path.name, key)
-    spool.remove(path)
-    return sent, len(batches)
+    fds: dict[tuple[int, int], int] = {}
+    try:
+        for part in logs.uncovered(covered, None, lock):
+            ref = logs.ref(part, 0)
+            fd = fds.get(ref.segment_key)
+            if fd is None:
+                fd = fds[ref.segment_key] = os.open(segment_path(spool.logs_dir, ref.listener, ref.segment), os.O_RDONLY)
+            got = read_record(fd, ref)
+            if got is None:
+                spool.quarantine(segment_path(spool.logs_dir, ref.listener, ref.segment), b"",
+                                 f"record at offset {ref.offset} fails its checksum")
+                continue
+            batcher.add(Piece(part, got[0], got[1]))
+            for batch in batcher.take_ready():
+                delivery.deliver(delivery.cut(batch, own), own, batch.body())
+        for batch in batcher.take_all():
+            delivery.deliver(delivery.cut(batch, own), own, batch.body())
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    logs.collect(lock)
+    for journal in [*journals, own]:
+        journal.compact()
+        journal.remove_if_empty()
+    if not spool.has_logged_data() and not config.spool.on_disk:
+        spool.clear_logs_root()
+
+
+def replay_dead_letters(spool: Spool, delivery: Delivery) -> tuple[int, int]:
+    """Send each dead letter to its own key; returns (sent, refused again)."""
+    sent = failed = 0
+    for path in spool.dead_letters():
+        found = spool.read_dead_letter(path)
+        if found is None:
+            log.error("%s: damaged dead letter, left in place", path)
+            failed += 1
+            continue
+        meta, body = found
+        key, encoding = meta["key"], meta["encoding"]
+        data = delivery.encode(body, encoding, meta.get("level", 6))
+        try:
+            delivery.put_object(key, data, encoding, meta["count"])
+        except PermanentSinkError as e:
+            log.error("%s: refused again (%s); left in place", path, e)
+            failed += 1
+            continue
+        path.unlink(missing_ok=True)
+        delivery.row.add(UploaderField.UPLOADED_PAYLOADS, meta["count"])
+        delivery.row.add(UploaderField.UPLOADED_OBJECTS)
+        sent += 1
+        log.info("replayed dead letter %s to %s", path.name, key)
+    return sent, failed
+

@@ -6,6 +6,9 @@ makes one attempt per call. Errors are sorted once here into retryable and perma
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
 import boto3
 import botocore.config
 import botocore.exceptions
@@ -30,6 +33,12 @@ PERMANENT_CODES = frozenset(
         "AuthorizationHeaderMalformed",
     }
 )
+
+
+# 4xx codes that heal: a body damaged on the way (BadDigest), clocks, throttling, credentials that
+# botocore refreshes
+RETRYABLE_CODES = frozenset({"RequestTimeout", "SlowDown", "Throttling", "RequestTimeTooSkewed", "BadDigest",
+                             "ExpiredToken", "TokenRefreshRequired"})
 
 
 class S3Sink:
@@ -57,14 +66,17 @@ class S3Sink:
 
     def put(self, key: str, body: bytes, content_encoding: str | None) -> None:
         extra = {"ContentEncoding": content_encoding} if content_encoding else {}
+        # S3 verifies Content-MD5 against what it received and refuses the PUT (BadDigest) on a mismatch
+        md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
         try:
-            self._client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/x-ndjson", **extra)
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/x-ndjson",
+                                    ContentMD5=md5, **extra)
         except botocore.exceptions.ClientError as e:
             err = e.response.get("Error", {})
             code = str(err.get("Code", ""))
             status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
             message = f"s3://{self.bucket}/{key}: {code or status} {err.get('Message', '')}".rstrip()
-            if code in PERMANENT_CODES or (400 <= status < 500 and status not in (408, 429) and code not in ("RequestTimeout", "SlowDown", "Throttling", "RequestTimeTooSkewed")):
+            if code in PERMANENT_CODES or (400 <= status < 500 and status not in (408, 429) and code not in RETRYABLE_CODES):
                 raise PermanentSinkError(message) from e
             raise RetryableSinkError(message) from e
         except botocore.exceptions.NoCredentialsError as e:

@@ -1,8 +1,9 @@
 """Sinks: where finished objects go. The `Sink` protocol, the key layout, and the directory sink.
 
-Keys are `<prefix>/dt=YYYY-MM-DD/hour=HH/<segment>.ndjson[.gz]`, the date and hour in UTC. The
-segment is unique across hosts, processes and restarts: the time, the host name, the pid, a
-per-process counter and 64 random bits, so two objects never overwrite each other.
+Keys are `<prefix>/dt=YYYY-MM-DD/hour=HH/<name>.ndjson[.gz]`, the date and hour in UTC. The
+name is the time, the host name and the intent's id (64 random bits drawn when the object is
+first cut): unique across hosts, processes and restarts, so two objects never share a key, and
+fixed by the intent, so the re-send of an object after a crash lands on its own key.
 
 The S3 sink lives in `s3sink.py`, the one module that imports boto3.
 """
@@ -10,13 +11,11 @@ The S3 sink lives in `s3sink.py`, the one module that imports boto3.
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import re
 import secrets
 import socket
 import time
-from collections.abc import Callable
 from typing import Protocol
 
 from .config import SinkConfig
@@ -36,21 +35,18 @@ def _safe_host() -> str:
 
 
 class KeyMaker:
-    """Builds object keys; `unique` is injected in tests to make keys predictable."""
+    """Builds object keys from an object's oldest receive time and its intent id."""
 
-    def __init__(self, prefix: str, compressed: bool, unique: Callable[[], str] | None = None) -> None:
+    def __init__(self, prefix: str, compressed: bool, host: str | None = None) -> None:
         self.prefix = prefix.strip("/")
         self.suffix = ".ndjson.gz" if compressed else ".ndjson"
-        if unique is None:
-            host, pid, counter = _safe_host(), os.getpid(), itertools.count()
-            unique = lambda: f"{host}-{pid}-{next(counter)}-{secrets.token_hex(8)}"  # noqa: E731
-        self._unique = unique
+        self.host = host or _safe_host()
 
-    def key(self, t: float) -> str:
+    def key(self, t: float, intent_id: str) -> str:
         g = time.gmtime(t)
         stamp = time.strftime("%Y%m%dT%H%M%S", g) + f"{int(t * 1000) % 1000:03d}Z"
         part = time.strftime("dt=%Y-%m-%d/hour=%H", g)
-        name = f"{part}/{stamp}-{self._unique()}{self.suffix}"
+        name = f"{part}/{stamp}-{self.host}-{intent_id}{self.suffix}"
         return f"{self.prefix}/{name}" if self.prefix else name
 
 

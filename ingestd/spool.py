@@ -1,202 +1,264 @@
-"""The spool: everything acknowledged that is not yet in the sink, as files on local disk.
+"""The spool: where everything acknowledged and not yet in the sink lives, and who owns what.
 
-Layout under `spool.path`:
-- `inflight/slot-N.rec`: what uploader slot N has taken off the queue and not yet uploaded.
-  Appended on every take, rewritten after every upload. A restarted uploader in the same slot
-  starts by loading it, which is how a killed uploader's batch is delivered again.
-- `overflow/*.rec`: items spilled at a drain that hit its deadline, and in-flight files of
-  slots that no longer exist. Adopted into slot files at the next start, or sent by `replay`.
-- `journal/*.rec`: the disk journal (`journal.py`), with `spool.durability = "disk"`.
-- `dead/*.rec` (+ `.why`): batches the sink refused for good. Sent by `ingestd replay`.
-- `.lock`: held (flock) by the running daemon, so two daemons never share a spool.
+Two roots. The *logs root* holds the request logs and the uploader journals: on tmpfs with
+`spool.durability = "memory"` (`spool.memory_path`), in `spool.path` with `"disk"`:
+- `logs/<listener>/<segment>.log`: a listener's request log (`requestlog.py`), and beside each
+  segment its `.landed` file, to which uploaders append what of it has landed;
+- `journals/<uploader>/<n>.jnl`: an uploader's intents and outcomes (`journal.py`).
 
-Every file is a sequence of framed records (`records.py`); files appear by atomic rename.
+`spool.path` holds the rest:
+- `.lock`: held (flock) by the running daemon, so two daemons never share a spool;
+  `.replay.lock` likewise for `ingestd replay`;
+- `locks/<role>-<index>.lock`: held by each child process for its life. A new daemon takes and
+  drops each of them before it starts any child, so it never runs beside a child of an earlier
+  daemon that is still dying;
+- `dead/*.dead`: objects the sink refused for good, with their key (`ingestd replay` sends them);
+- `quarantine/`: damaged bytes found in log files, kept for inspection;
+- `overflow/`: with memory durability, the logs root copied to disk by a drain that could not
+  deliver everything, so that it survives a reboot; moved back at the next start.
+
+Every file is written by one owner, and files appear by atomic rename where readers may see them.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import secrets
+import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+import orjson
+
+from .config import SpoolConfig
 from .errors import SpoolLockedError
-from .records import Item, frame, read_records
+from .records import Kind, frame, scan
 
 log = logging.getLogger(__name__)
 
-
-def _unique_name(suffix: str = ".rec") -> str:
-    """Names sort in write order (nanosecond clock first) and never collide."""
-    return f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(6)}{suffix}"
+OVERFLOW_COMPLETE = ".complete"
 
 
-def write_atomically(path: Path, data: bytes, fsync: bool = False) -> None:
+def write_atomically(path: Path, data: bytes, fsync: bool = True) -> None:
+    """A hidden temp file in the same folder, then a rename: readers see all of it or nothing."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.rename(tmp, path)
-
-
-def read_file(path: Path) -> list[Item]:
     try:
-        with open(path, "rb") as f:
-            return list(read_records(f))
-    except FileNotFoundError:
-        return []
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tree_bytes(root: Path) -> int:
+    """Bytes of every file under `root` (files vanishing meanwhile are skipped)."""
+    total = 0
+    stack = [root]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+                else:
+                    total += e.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+class Lock:
+    """An flock held for the life of the process (the kernel drops it at any exit)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f: IO[bytes] | None = None
+
+    def acquire(self, timeout: float = 0.0) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "ab")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._f = f
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    f.close()
+                    return False
+                time.sleep(0.05)
+
+    def release(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
 
 class Spool:
-    def __init__(self, root: str | os.PathLike[str], fsync: bool = False) -> None:
-        self.root = Path(root)
-        self.fsync = fsync
-        self.inflight_dir = self.root / "inflight"
-        self.overflow_dir = self.root / "overflow"
+    def __init__(self, config: SpoolConfig) -> None:
+        self.config = config
+        self.root = Path(config.path)
+        self.logs_root = Path(config.logs_root())
         self.dead_dir = self.root / "dead"
-        self.journal_dir = self.root / "journal"
-        self._lock_file: IO[bytes] | None = None
+        self.quarantine_dir = self.root / "quarantine"
+        self.overflow_dir = self.root / "overflow"
+        self.locks_dir = self.root / "locks"
+        self._daemon_lock = Lock(self.root / ".lock")
 
     def prepare(self) -> None:
-        for d in (self.inflight_dir, self.overflow_dir, self.dead_dir, self.journal_dir):
+        for d in (self.dead_dir, self.quarantine_dir, self.locks_dir, self.logs_dir, self.journals_dir):
             d.mkdir(parents=True, exist_ok=True)
 
-    # -- ownership ------------------------------------------------------------------------------
-    def lock(self, name: str = ".lock") -> None:
-        """Hold the spool for this process's lifetime (released by the kernel at any exit)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        f = open(self.root / name, "ab")
+    @property
+    def logs_dir(self) -> Path:
+        return self.logs_root / "logs"
+
+    @property
+    def journals_dir(self) -> Path:
+        return self.logs_root / "journals"
+
+    def listener_dir(self, index: int) -> Path:
+        return self.logs_dir / str(index)
+
+    def journal_dir(self, name: str) -> Path:
+        return self.journals_dir / name
+
+    def indexes(self, parent: Path) -> list[int]:
+        """Numbered subfolders of `parent` (listener log dirs, uploader journal dirs)."""
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise SpoolLockedError(f"spool {self.root} is in use by another ingestd process") from None
-        self._lock_file = f
+            return sorted(int(p.name) for p in parent.iterdir() if p.is_dir() and p.name.isdigit())
+        except FileNotFoundError:
+            return []
 
-    # -- in-flight files, one per uploader slot --------------------------------------------------
-    def slot_path(self, slot: int) -> Path:
-        return self.inflight_dir / f"slot-{slot}.rec"
+    # -- ownership ------------------------------------------------------------------------------
+    def lock_daemon(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not self._daemon_lock.acquire():
+            raise SpoolLockedError(f"spool {self.root} is in use by another ingestd process")
 
-    def adopt_leftovers(self, slots: int) -> int:
-        """At start: hand overflow files, journal segments of an earlier run and orphaned slot
-        files to the live slots, round robin.
+    def child_lock(self, name: str) -> Lock:
+        return Lock(self.locks_dir / f"{name}.lock")
 
-        Appending before unlinking means a crash here duplicates, never loses. Returns the
-        number of payloads adopted.
-        """
-        sources = sorted(self.overflow_dir.glob("*.rec")) + sorted(self.journal_dir.rglob("*.rec"))
-        for p in self.inflight_dir.glob("slot-*.rec"):
-            n = p.stem.removeprefix("slot-")
-            if not n.isdigit() or int(n) >= slots:
-                sources.append(p)
-        adopted = 0
-        for i, src in enumerate(sources):
-            items = read_file(src)
-            if items:
-                with open(self.slot_path(i % slots), "ab") as f:
-                    f.write(b"".join(frame(it) for it in items))
-                    if self.fsync:
-                        os.fsync(f.fileno())
-            adopted += sum(it.count for it in items)
-            src.unlink()
-            log.info("adopted %d payloads from %s into slot %d", sum(it.count for it in items), src, i % slots)
-        return adopted
+    def wait_for_old_children(self, timeout: float) -> list[str]:
+        """Take and drop every child lock: returns the names still held by someone at `timeout`."""
+        held = []
+        deadline = time.monotonic() + timeout
+        for path in sorted(self.locks_dir.glob("*.lock")):
+            lock = Lock(path)
+            if lock.acquire(max(0.0, deadline - time.monotonic())):
+                lock.release()
+            else:
+                held.append(path.stem)
+        return held
 
-    # -- overflow and dead letters --------------------------------------------------------------
-    def write_overflow(self, items: Sequence[Item]) -> Path | None:
-        if not items:
+    # -- usage -----------------------------------------------------------------------------------
+    def used_bytes(self) -> int:
+        """What `spool.max_bytes` counts: every file under spool.path."""
+        return tree_bytes(self.root)
+
+    # -- dead letters ------------------------------------------------------------------------------
+    def write_dead_letter(self, key: str, encoding: str | None, level: int, count: int, body: bytes,
+                          reason: str) -> Path:
+        """The object as it would have been sent (uncompressed lines), with its key."""
+        self.dead_dir.mkdir(parents=True, exist_ok=True)
+        meta = orjson.dumps({"key": key, "encoding": encoding, "level": level, "count": count, "reason": reason})
+        name = key.replace("/", "%2F") + ".dead"
+        path = self.dead_dir / name
+        write_atomically(path, frame(Kind.INTENT, meta) + frame(Kind.REQUEST, body), fsync=True)
+        return path
+
+    def read_dead_letter(self, path: Path) -> tuple[dict[str, Any], bytes] | None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
             return None
-        path = self.overflow_dir / _unique_name()
-        write_atomically(path, b"".join(frame(i) for i in items), fsync=True)
+        found = scan(data).records
+        if len(found) != 2 or found[0].kind is not Kind.INTENT:
+            return None
+        return orjson.loads(found[0].body), bytes(found[1].body)
+
+    def dead_letters(self) -> list[Path]:
+        return sorted(self.dead_dir.glob("*.dead"))
+
+    # -- quarantine ------------------------------------------------------------------------------
+    def quarantine(self, source: Path, data: bytes, why: str) -> Path:
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        path = self.quarantine_dir / f"{int(time.time())}-{secrets.token_hex(4)}-{source.name}"
+        write_atomically(path, data, fsync=False)
+        write_atomically(path.with_name(path.name + ".why"), f"{source}: {why}\n".encode(), fsync=False)
+        log.error("damaged bytes in %s (%s): kept in %s", source, why, path)
         return path
 
-    def write_dead_letter(self, items: Sequence[Item], reason: str) -> Path:
-        path = self.dead_dir / _unique_name()
-        write_atomically(path.with_suffix(".why"), (reason + "\n").encode(), fsync=False)
-        write_atomically(path, b"".join(frame(i) for i in items), fsync=True)
-        return path
+    # -- memory durability: overflow to disk at a drain, back at the next start -------------------
+    def has_logged_data(self) -> bool:
+        """Any request log segment left in the logs root."""
+        return any(self.logs_dir.glob("*/*.log"))
 
-    def retire_journal(self, directory: Path) -> int:
-        """Move a dead listener's journal segments to overflow (sent at the next start or replay)."""
-        moved = 0
-        for seg in sorted(directory.glob("*.rec")):
-            os.rename(seg, self.overflow_dir / f"{_unique_name('')}-{seg.name}")
-            moved += 1
-        return moved
+    def save_overflow(self) -> int:
+        """Copy the logs root to spool.path/overflow (fsynced), then empty it. Returns bytes."""
+        if self.config.on_disk or not self.has_logged_data():
+            return 0
+        tmp = self.root / f".overflow.{secrets.token_hex(4)}"
+        shutil.rmtree(self.overflow_dir, ignore_errors=True)
+        shutil.copytree(self.logs_root, tmp, ignore=shutil.ignore_patterns(".*.tmp"))
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb+") as f:
+                    os.fsync(f.fileno())
+        (tmp / OVERFLOW_COMPLETE).write_bytes(b"")
+        os.rename(tmp, self.overflow_dir)
+        fsync_dir(self.root)
+        size = tree_bytes(self.overflow_dir)
+        self.clear_logs_root()
+        return size
 
-    def claim_overflow(self, slot_file: SlotFile) -> int:
-        """At an uploader's boot: move overflow files into its in-flight file. The rename makes
-        each file one uploader's; a crash before the unlink leaves `slot-N.claim-*.rec`, which
-        the next start adopts (duplicates, never loss). Returns the payloads claimed."""
-        claimed = 0
-        slot = slot_file.path.stem
-        for src in sorted(self.overflow_dir.glob("*.rec")):
-            mine = self.inflight_dir / f"{slot}.claim-{src.name}"
+    def restore_overflow(self) -> int:
+        """At start: move a complete overflow back into the logs root. Returns bytes."""
+        if not (self.overflow_dir / OVERFLOW_COMPLETE).exists():
+            shutil.rmtree(self.overflow_dir, ignore_errors=True)  # a copy that never finished: the logs root is whole
+            return 0
+        size = tree_bytes(self.overflow_dir)
+        if self.config.on_disk:
+            target = self.root
+        else:
+            target = self.logs_root
+            self.clear_logs_root()
+        for sub in ("logs", "journals"):
+            src = self.overflow_dir / sub
+            if src.is_dir():
+                shutil.copytree(src, target / sub, dirs_exist_ok=True)
+        shutil.rmtree(self.overflow_dir)
+        return size
+
+    def clear_logs_root(self) -> None:
+        shutil.rmtree(self.logs_dir, ignore_errors=True)
+        shutil.rmtree(self.journals_dir, ignore_errors=True)
+        if not self.config.on_disk:
             try:
-                os.rename(src, mine)
-            except FileNotFoundError:
-                continue  # another uploader took it
-            items = read_file(mine)
-            for item in items:
-                slot_file.append(item)
-            mine.unlink()
-            claimed += sum(i.count for i in items)
-        return claimed
-
-    def replayable(self) -> Iterator[Path]:
-        """Dead letters and overflow, oldest first."""
-        for d in (self.dead_dir, self.overflow_dir):
-            yield from sorted(d.glob("*.rec"))
-
-    def remove(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
-        path.with_suffix(".why").unlink(missing_ok=True)
+                self.logs_root.rmdir()
+            except OSError:
+                pass
 
 
-class SlotFile:
-    """The in-flight file of one uploader slot: append on take, rewrite after upload."""
-
-    def __init__(self, path: Path, fsync: bool = False, lock_timeout_s: float = 30.0) -> None:
-        self.path = path
-        self.fsync = fsync
-        # The slot is owned through a lock on a companion file (the .rec file itself is replaced
-        # by rename). An orphan of a killed supervisor may still be flushing this slot: wait
-        # for it, or two processes would rewrite one file and lose items.
-        self._lock_fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        deadline = time.monotonic() + lock_timeout_s
-        while True:
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(self._lock_fd)
-                    raise SpoolLockedError(f"{path} is held by another process") from None
-                time.sleep(0.1)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def load(self) -> list[Item]:
-        return read_file(self.path)
-
-    def append(self, item: Item) -> None:
-        data = frame(item)
-        while data:
-            data = data[os.write(self._fd, data) :]
-        if self.fsync:
-            os.fdatasync(self._fd)
-
-    def rewrite(self, items: Iterable[Item]) -> None:
-        """Replace the file by exactly `items` (what is still pending), atomically."""
-        write_atomically(self.path, b"".join(frame(i) for i in items), fsync=self.fsync)
-        os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def close(self) -> None:
-        os.close(self._fd)
-        os.close(self._lock_fd)
+def is_space_error(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG)

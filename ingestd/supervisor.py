@@ -1,62 +1,85 @@
-"""The supervisor: owns the processes, the signals, the listener and the drain.
+"""The supervisor: a pure arbiter that owns the processes, the signals and the drain.
 
-Shaped like gunicorn's arbiter. Signal handlers only record the signal number and wake the
-control loop; the loop (`run`) handles signals, reaps uploaders and restarts them with
-backoff, kills an uploader whose heartbeat stopped, and pings systemd. An uploader that cannot
-even boot, too many times in a row, ends in FATAL and stops the daemon with a clear message
-instead of a restart storm.
+Shaped like gunicorn's arbiter: it binds the listening socket once, spawns the listener and
+uploader processes, and then runs one control loop: wait for a signal or a child's death,
+handle signals, reap children and restart them with backoff, kill a child whose heartbeat
+stopped, step the drain, tell systemd. It never serves a request and never touches a payload.
 
-The Falcon app runs on waitress in a thread of this process. Waitress has no graceful-stop
-API, so the drain is ours: the intake flips to "draining" (ingest answers 503, `/health`
-answers 503 "draining", the listener stays up), one STOP sentinel per uploader goes on the
-queue behind everything accepted, the uploaders write what they hold and exit, and whatever
-could not be written by `shutdown.drain_timeout_s` stays in the spool for the next start.
+Every child is a `Child` with a guarded state machine (`states.py`). After any abnormal death
+the supervisor bumps the *epoch* on the scoreboard: uploaders drop what they hold unjournaled,
+listeners put back on the queue what of their logs is neither landed nor journaled, and the
+queue needs no repair (see `refqueue.py`). That is the whole recovery: it is the same for a
+listener, an uploader, or a new start after the whole tree was killed.
+
+The drain (`Drain`) is an explicit phase: DRAINING (ingest answers 503, `/health` says
+draining, uploaders deliver what is logged and exit), then at the deadline uploaders leave even
+mid-PUT (their intents are journaled), then EXIT (listeners seal their logs and exit), and with
+memory durability what could not be delivered is copied to `spool.path/overflow` for the next
+start.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
+from multiprocessing import resource_tracker
 import os
-import select
 import signal
 import socket
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.context import SpawnContext, SpawnProcess
-from queue import Full
-from typing import Any
+from typing import Any, Protocol
 
 from . import __version__
-from .app import create_app
-from .board import Board, GlobalField, ProducerField, SlotField, now_ms
-from .config import Config, bearer_tokens, parse_listen
-from .errors import EXIT_OK, EXIT_STARTUP, EXIT_UPLOADER_BOOT, UPLOADER_EXIT_BOOT_FAILED, SpoolLockedError
-from .health import Health, WorkerView
-from .jobqueue import Intake, JobQueue
-from .journal import Journal
-from .listener import bind_socket, create_listener, open_journal, run_listener
-from .records import STOP
+from .config import Config, parse_listen
+from .errors import CHILD_EXIT_BOOT_FAILED, EXIT_CHILD_BOOT, EXIT_OK, EXIT_STARTUP, SpoolLockedError
+from .listener import bind_socket, run_listener
+from .refqueue import RefQueue
+from .scoreboard import ChildField, Control, ListenerField, Phase, Role, Scoreboard, UploaderField, now_ms
 from .spool import Spool
-from .states import SlotState
+from .states import ALLOWED, LIVE, ChildState
 from .systemd import Notifier, watchdog_interval
 from .uploader import run_uploader
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2
-STABLE_AFTER_S = 10.0  # an uploader that lived this long resets its crash backoff
-KILL_GRACE_S = 5.0  # after the drain deadline, how long uploaders get to leave before SIGKILL
-STATUS_EVERY_S = 5.0  # how often STATUS= tells systemd the figures
+STABLE_AFTER_S = 10.0  # a child that lived this long resets its crash backoff
+LISTENER_RESTART_S = 0.5  # listeners come back fast: they hold the port's capacity
+STRAGGLER_GRACE_S = 0.5  # after the deadline, uploaders still alive are killed (their intents are journaled)
+EXIT_GRACE_S = 1.0  # listeners get this long to leave once told to
+OLD_CHILDREN_WAIT_S = 10.0
+STATUS_EVERY_S = 5.0
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_STATES = list(ChildState)
+
+
+class Process(Protocol):
+    """What the supervisor needs of a child process (multiprocessing's, or a test's fake)."""
+
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def exitcode(self) -> int | None: ...
+    @property
+    def sentinel(self) -> int: ...
+
+    def is_alive(self) -> bool: ...
+    def kill(self) -> None: ...
+    def join(self, timeout: float | None = None) -> None: ...
+
+
+StartProcess = Callable[[Callable[..., None], tuple[Any, ...], str], Process]
 
 
 @dataclass
-class Slot:
+class Child:
+    role: Role
     index: int
-    state: SlotState = SlotState.STARTING
-    process: SpawnProcess | None = None
+    state: ChildState = ChildState.STOPPED
+    process: Process | None = None
     started_at: float = 0.0
     restart_at: float = 0.0
     restarts: int = 0
@@ -64,54 +87,92 @@ class Slot:
     boot_failures_in_a_row: int = 0
 
     @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
+    def name(self) -> str:
+        return f"{self.role.value} {self.index}"
 
     @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
+    def pid(self) -> int:
+        return (self.process.pid or 0) if self.process is not None else 0
+
+    def transition(self, new: ChildState) -> None:
+        if new not in ALLOWED[self.state]:
+            raise AssertionError(f"{self.name}: {self.state.value} -> {new.value} is not a move")
+        self.state = new
 
 
-@dataclass
-class Listener:
-    """A listener process (index >= 1; the supervisor itself is listener 0)."""
+def describe_exit(code: int | None) -> str:
+    return f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
 
-    index: int
-    process: SpawnProcess | None = None
-    restart_at: float = 0.0
-    restarts: int = 0
+
+class Drain:
+    """The drain, step by step (see the module docstring). `step` returns True when done."""
+
+    def __init__(self, sup: Supervisor, timeout: float) -> None:
+        self.sup = sup
+        self.deadline = sup.clock() + timeout
+        self.exit_at: float | None = None  # when listeners were told to exit
+        board = sup.board
+        board.control[Control.DEADLINE_MS] = now_ms() + int(timeout * 1000)
+        board.control[Control.PHASE] = Phase.DRAINING
+        for child in sup.children:
+            if child.role is Role.UPLOADER and child.state in LIVE:
+                child.transition(ChildState.STOPPING)
+
+    def hurry(self) -> None:
+        """A second stop signal: stop waiting for the sink."""
+        self.deadline = self.sup.clock()
+        self.sup.board.control[Control.DEADLINE_MS] = now_ms()
+
+    def step(self) -> bool:
+        sup, now = self.sup, self.sup.clock()
+        uploaders = [c for c in sup.children if c.role is Role.UPLOADER]
+        if self.exit_at is None:
+            if now >= self.deadline + STRAGGLER_GRACE_S:
+                for c in uploaders:
+                    if c.process is not None and c.process.is_alive():
+                        log.error("%s still running after the drain deadline: killing it (its intents are journaled)",
+                                  c.name)
+                        c.process.kill()
+            if all(c.process is None for c in uploaders) or now >= self.deadline + 2 * STRAGGLER_GRACE_S:
+                self.exit_at = now
+                sup.board.control[Control.PHASE] = Phase.EXIT
+                for c in sup.children:
+                    if c.role is Role.LISTENER and c.state in LIVE and c.state is not ChildState.STOPPING:
+                        c.transition(ChildState.STOPPING)
+            return False
+        listeners = [c for c in sup.children if c.role is Role.LISTENER]
+        if all(c.process is None for c in sup.children):
+            return True
+        if now >= self.exit_at + EXIT_GRACE_S:
+            for c in listeners + uploaders:
+                if c.process is not None and c.process.is_alive():
+                    log.error("%s did not exit: killing it", c.name)
+                    c.process.kill()
+        return False
 
 
 class Supervisor:
-    def __init__(self, config: Config, environ: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Config, environ: dict[str, str] | None = None,
+                 start_process: StartProcess | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.environ = dict(os.environ if environ is None else environ)
-        self.ctx: SpawnContext = multiprocessing.get_context("spawn")
-        self.spool = Spool(config.spool.path, fsync=config.spool.durability == "disk")
-        self.board = Board(self.ctx, config.workers.count, producers=config.http.listeners)
-        self.board.gset(GlobalField.STARTED_MS, now_ms())
-        self.board.pset(0, ProducerField.PID, os.getpid())
-        self.queue = JobQueue(config.queue.max_items, ctx=self.ctx)
-        self.journal: Journal | None = None  # opened in run(), once the spool is ours
-        self.intake = Intake(self.queue, self.board, config.queue.max_bytes)
-        self.slots = [Slot(i) for i in range(config.workers.count)]
-        self.listeners = [Listener(i) for i in range(1, config.http.listeners)]  # 0 is this process
-        self.health = Health(self.board, self.intake, config.queue.max_items, config.queue.max_bytes, self.worker_views)
+        self.ctx = multiprocessing.get_context("spawn")
+        self.clock = clock
+        self.spool = Spool(config.spool)
+        self.board = Scoreboard(self.ctx, config.http.listeners, config.workers.count)
+        self.children = ([Child(Role.UPLOADER, i) for i in range(config.workers.count)]
+                         + [Child(Role.LISTENER, i) for i in range(config.http.listeners)])
+        self.start_process = start_process or self._start_process
         self.notifier = Notifier.from_environ(self.environ)
         self.signals: list[int] = []
-        self.server: Any = None
         self.exit_code = EXIT_OK
+        self.drain: Drain | None = None
+        self.queue: RefQueue | None = None
+        self.sock: socket.socket | None = None
         self._wake_r, self._wake_w = socket.socketpair()
-        self._drain_deadline: float | None = None
-        self._stops_sent = False
         self._ready_sent = False
-        self._address = ("", 0)
 
-    # -- views for health ----------------------------------------------------------------------
-    def worker_views(self) -> list[WorkerView]:
-        return [WorkerView(s.index, s.pid, s.alive, s.restarts, s.state.value) for s in self.slots]
-
-    # -- signals: record and wake, nothing else --------------------------------------------------
+    # -- signals: record and wake, nothing else ---------------------------------------------------
     def _record_signal(self, signum: int, frame: Any) -> None:
         self.signals.append(signum)
 
@@ -122,335 +183,6 @@ class Supervisor:
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, self._record_signal)
 
-    # -- processes ------------------------------------------------------------------------------
-    def _start_child(self, target: Any, args: tuple[Any, ...], name: str) -> SpawnProcess:
-        proc = self.ctx.Process(target=target, args=args, name=name, daemon=False)
-        # The child inherits a blocked SIGINT and ignores it once it runs our code; a Ctrl-C
-        # meanwhile stays pending here and is handled after the start, not lost.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            proc.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        return proc
-
-    def spawn_uploader(self, slot: Slot) -> None:
-        self.board.set(slot.index, SlotField.BOOTED_MS, 0)
-        self.board.beat(slot.index)
-        proc = self._start_child(run_uploader, (slot.index, self.config, self.queue, self.board),
-                                 f"ingestd-uploader-{slot.index}")
-        slot.process = proc
-        slot.state = SlotState.STARTING
-        slot.started_at = time.monotonic()
-        log.info("spawned uploader %d (pid %d)", slot.index, proc.pid)
-
-    def spawn_listener(self, listener: Listener) -> None:
-        host, port = self._address
-        listener.process = proc = self._start_child(
-            run_listener, (listener.index, self.config, self.queue, self.board, host, port),
-            f"ingestd-listener-{listener.index}")
-        log.info("spawned listener %d (pid %d)", listener.index, proc.pid)
-
-    def reap_listeners(self) -> None:
-        now = time.monotonic()
-        for listener in self.listeners:
-            proc = listener.process
-            if proc is not None and not proc.is_alive():
-                code = proc.exitcode
-                proc.join(0)
-                proc.close()
-                listener.process = None
-                self.board.pset(listener.index, ProducerField.PID, 0)
-                if self._drain_deadline is None:
-                    # what its feeder had not yet written to the pipe died with it (memory
-                    # durability); a journal it kept goes to overflow when its successor starts
-                    log.error("listener %d stopped by %s; restarting in 1s", listener.index,
-                              f"signal {-code}" if code is not None and code < 0 else f"exit code {code}")
-                    listener.restart_at = now + 1.0
-                else:
-                    self.board.pset(listener.index, ProducerField.FLUSHED, 1)
-            elif proc is None and self._drain_deadline is None and now >= listener.restart_at:
-                listener.restarts += 1
-                self.spawn_listener(listener)
-
-    def listeners_flushed(self) -> bool:
-        assert self._drain_deadline is not None
-        return time.monotonic() >= self._drain_deadline or all(
-            self.board.pget(x.index, ProducerField.FLUSHED) or x.process is None for x in self.listeners)
-
-    def stop_listeners(self) -> None:
-        self.board.gset(GlobalField.LISTENERS_EXIT, 1)
-        for listener in self.listeners:
-            if listener.process is not None:
-                listener.process.join(KILL_GRACE_S)
-                if listener.process.is_alive():
-                    log.error("listener %d did not exit: killing it", listener.index)
-                    listener.process.kill()
-                    listener.process.join(5)
-
-    def publish_slots(self) -> None:
-        """What listener processes need for their /health: pid and state of each uploader."""
-        states = list(SlotState)
-        for slot in self.slots:
-            self.board.set(slot.index, SlotField.PID, slot.pid if slot.alive and slot.pid else 0)
-            self.board.set(slot.index, SlotField.STATE, states.index(slot.state))
-
-    def reap_uploaders(self) -> None:
-        now = time.monotonic()
-        for slot in self.slots:
-            proc = slot.process
-            if proc is None or proc.is_alive():
-                continue
-            code = proc.exitcode
-            proc.join(0)
-            proc.close()
-            slot.process = None
-            if not self.queue.repair_after_death(self.board, slot.index):
-                log.error("uploader %d died while reading a message: rebuilding the queue", slot.index)
-                self.rebuild_queue()
-            if slot.state is SlotState.STOPPING and code == 0:
-                slot.state = SlotState.EXITED
-                log.info("uploader %d exited after draining", slot.index)
-                continue
-            self._schedule_restart(slot, code, now)
-
-    def _schedule_restart(self, slot: Slot, code: int | None, now: float) -> None:
-        booted = self.board.get(slot.index, SlotField.BOOTED_MS) > 0
-        if code == UPLOADER_EXIT_BOOT_FAILED and not booted:
-            slot.boot_failures_in_a_row += 1
-            if slot.boot_failures_in_a_row >= self.config.workers.boot_failures_fatal:
-                slot.state = SlotState.FATAL
-                log.critical("uploader %d failed to boot %d times in a row; giving up (see the errors above)",
-                             slot.index, slot.boot_failures_in_a_row)
-                return
-        else:
-            slot.boot_failures_in_a_row = 0
-        lived = now - slot.started_at
-        slot.crashes_in_a_row = 0 if lived >= STABLE_AFTER_S else slot.crashes_in_a_row + 1
-        delay = min(self.config.workers.restart_backoff_max_s, 0.1 * 2 ** max(0, slot.crashes_in_a_row - 1))
-        if slot.crashes_in_a_row == 0:
-            delay = 0.0
-        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        level = logging.INFO if code == 0 else logging.ERROR
-        log.log(level, "uploader %d (%s) stopped by %s after %.1fs; restarting in %.2fs",
-                slot.index, slot.state.value, how, lived, delay)
-        slot.state = SlotState.BACKOFF
-        slot.restart_at = now + delay
-
-    def restart_due(self) -> None:
-        now = time.monotonic()
-        for slot in self.slots:
-            if slot.state is SlotState.BACKOFF and now >= slot.restart_at:
-                slot.restarts += 1
-                self.board.set(slot.index, SlotField.RESTARTS, slot.restarts)
-                self.spawn_uploader(slot)
-                if self._stops_sent:
-                    # it missed its STOP (or took it and died): give it one of its own
-                    self._send_stop(slot)
-
-    def check_uploaders(self) -> None:
-        """Mark booted uploaders running; kill those whose heartbeat stopped."""
-        limit_ms = int(self.config.workers.heartbeat_timeout_s * 1000)
-        now = now_ms()
-        for slot in self.slots:
-            if not slot.alive:
-                continue
-            if slot.state is SlotState.STARTING and self.board.get(slot.index, SlotField.BOOTED_MS):
-                slot.state = SlotState.RUNNING
-            silent = now - self.board.get(slot.index, SlotField.HEARTBEAT_MS)
-            if silent > limit_ms and slot.pid:
-                log.error("uploader %d (pid %d) silent for %.1fs: killing it", slot.index, slot.pid, silent / 1000)
-                os.kill(slot.pid, signal.SIGKILL)
-
-    def rebuild_queue(self) -> None:
-        """The pipe may be torn: stop every uploader, put the unread items on a new queue.
-
-        Each uploader's in-flight file keeps what it held, so its successor sends it again.
-        """
-        for slot in self.slots:
-            if slot.process is not None and slot.process.is_alive():
-                slot.process.kill()
-        for slot in self.slots:
-            if slot.process is not None:
-                slot.process.join(5)
-                slot.process.close()
-                slot.process = None
-            if slot.state not in (SlotState.FATAL, SlotState.EXITED):
-                slot.state = SlotState.BACKOFF
-                slot.restart_at = 0.0
-        self.board.gset(GlobalField.LOCK_STATE, 0)
-        old = self.queue
-        self.queue = JobQueue(self.config.queue.max_items, ctx=self.ctx)
-        n = self.intake.replace_queue(self.queue)
-        # listener processes hold the old queue: each spills its unread items to overflow and
-        # exits before the uploaders restart (they claim overflow at boot); successors get the
-        # new queue from reap_listeners
-        self.board.gset(GlobalField.QUEUE_GENERATION, self.board.gget(GlobalField.QUEUE_GENERATION) + 1)
-        for listener in self.listeners:
-            if listener.process is not None:
-                listener.process.join(KILL_GRACE_S)
-                if listener.process.is_alive():
-                    log.error("listener %d did not hand over its queue: killing it", listener.index)
-                    listener.process.kill()
-                    listener.process.join(5)
-                listener.process.close()
-                listener.process = None
-                self.board.pset(listener.index, ProducerField.PID, 0)
-                listener.restart_at = 0.0
-        old.cancel_join_thread()
-        old.close()
-        log.warning("queue rebuilt with %d unread items of this process", n)
-
-    # -- drain ------------------------------------------------------------------------------------
-    def begin_drain(self) -> None:
-        if self._drain_deadline is not None:
-            # a second signal: do not wait for a failing sink any longer
-            self._drain_deadline = time.monotonic()
-            self.board.gset(GlobalField.DRAIN_DEADLINE_MS, now_ms())
-            log.warning("second stop signal: spilling what is left to the spool now")
-            return
-        timeout = self.config.shutdown.drain_timeout_s
-        self.intake.begin_drain()
-        self.board.gset(GlobalField.DRAINING, 1)
-        self._drain_deadline = time.monotonic() + timeout
-        self.board.gset(GlobalField.DRAIN_DEADLINE_MS, now_ms() + int(timeout * 1000))
-        self.notifier.stopping("draining")
-        log.info("draining: new requests get 503; %d items queued; deadline in %.1fs", self.board.queued_items(), timeout)
-
-    def send_stops(self) -> None:
-        """Once every listener's accepted items are in the pipe: one STOP per uploader behind them."""
-        self._stops_sent = True
-        for slot in self.slots:
-            if slot.state in (SlotState.STARTING, SlotState.RUNNING):
-                self._send_stop(slot)
-
-    def _send_stop(self, slot: Slot) -> None:
-        """Queue one STOP behind everything accepted; the queue may be full, so wait for room."""
-        assert self._drain_deadline is not None
-        while True:
-            try:
-                self.queue.put(STOP, timeout=TICK_S)
-                slot.state = SlotState.STOPPING
-                return
-            except Full:
-                if time.monotonic() >= self._drain_deadline or not any(s.alive for s in self.slots):
-                    slot.state = SlotState.STOPPING
-                    return
-
-    def drain_done(self) -> bool:
-        assert self._drain_deadline is not None
-        if all(s.process is None and s.state in (SlotState.EXITED, SlotState.FATAL) for s in self.slots):
-            return True
-        if time.monotonic() < self._drain_deadline + KILL_GRACE_S:
-            return False
-        for slot in self.slots:
-            if slot.alive and slot.process is not None:
-                log.error("uploader %d still running %.0fs after the drain deadline: killing it",
-                          slot.index, KILL_GRACE_S)
-                slot.process.kill()
-                slot.process.join(5)
-        return True
-
-    def finish_drain(self) -> None:
-        """Spill what no uploader took; its items are already acknowledged."""
-        self.stop_listeners()  # each spills its own unread items
-        left = self.intake.unread()
-        if left:
-            path = self.spool.write_overflow(left)
-            log.warning("drain: %d payloads never left the queue; spilled to %s", sum(i.count for i in left), path)
-        self.queue.cancel_join_thread()
-        self.queue.close()
-        if self.journal is not None:
-            self.journal.close()  # everything it held is now in the sink or in the spool
-        held = sum(self.board.get(s.index, SlotField.PENDING_PAYLOADS) for s in self.slots)
-        log.info("drained: %d payloads uploaded, %d stay in the spool for the next start",
-                 self.board.total(SlotField.UPLOADED_PAYLOADS), held + sum(i.count for i in left))
-
-    # -- the listener ------------------------------------------------------------------------------
-    def start_server(self) -> None:
-        h = self.config.http
-        host, port = parse_listen(h.listen)
-        app = create_app(self.config, self.intake, self.health, bearer_tokens(self.config.auth))
-        sock = bind_socket(host, port, reuse_port=h.listeners > 1)
-        self.server = create_listener(app, self.config, sock)
-        self._address = (host, int(self.server.effective_port))
-        thread = threading.Thread(target=self.server.run, name="waitress", daemon=True)
-        thread.start()
-        log.info("ingestd %s listening on http://%s:%s (%d listeners, %d uploaders, sink %s, durability %s)",
-                 __version__, self.server.effective_host, self.server.effective_port, h.listeners, len(self.slots),
-                 self.config.sink.kind, self.config.spool.durability)
-
-    # -- the control loop ----------------------------------------------------------------------------
-    def run(self) -> int:
-        try:
-            self.spool.lock()
-        except SpoolLockedError as e:
-            log.critical("%s", e)
-            return EXIT_STARTUP
-        self.spool.prepare()
-        adopted = self.spool.adopt_leftovers(len(self.slots))
-        if adopted:
-            log.info("%d payloads from an earlier run will be delivered first", adopted)
-        self.journal = open_journal(self.config, self.spool, 0)
-        if self.journal is not None:
-            self.intake.attach_journal(self.journal)
-        self.install_signals()
-        try:
-            self.start_server()
-        except OSError as e:
-            log.critical("cannot listen on %s: %s", self.config.http.listen, e)
-            return EXIT_STARTUP
-        for slot in self.slots:
-            self.spawn_uploader(slot)
-        for listener in self.listeners:
-            self.spawn_listener(listener)
-        watchdog = watchdog_interval(self.environ)
-        last_ping = last_sync = last_status = 0.0
-        while True:
-            self._sleep()
-            while self.signals:
-                self.handle_signal(self.signals.pop(0))
-            self.reap_uploaders()
-            self.restart_due()
-            self.check_uploaders()
-            self.reap_listeners()
-            self.publish_slots()
-            self._trim_ledger()
-            if self._drain_deadline is not None and not self._stops_sent and self.listeners_flushed():
-                self.send_stops()
-            if self.journal is not None:
-                if time.monotonic() - last_sync >= self.config.spool.journal_fsync_interval_ms / 1000:
-                    self.journal.sync()
-                    last_sync = time.monotonic()
-                self.journal.retire(self.board.pget(0, ProducerField.CURSOR))
-            if not self._ready_sent and all(s.state is SlotState.RUNNING for s in self.slots):
-                self._ready_sent = True
-                self.notifier.ready(f"ready: {len(self.slots)} uploaders")
-                log.info("ready: %d uploaders running", len(self.slots))
-            if any(s.state is SlotState.FATAL for s in self.slots) and self._drain_deadline is None:
-                self.exit_code = EXIT_UPLOADER_BOOT
-                self.begin_drain()
-            if self.notifier.enabled and self._ready_sent and time.monotonic() - last_status >= STATUS_EVERY_S:
-                self.notifier.status(self.status_line())
-                last_status = time.monotonic()
-            if watchdog and time.monotonic() - last_ping >= watchdog:
-                self.notifier.watchdog()
-                last_ping = time.monotonic()
-            if self._stops_sent and self.drain_done():
-                break
-        self.finish_drain()
-        self.notifier.status("stopped")
-        self.server.task_dispatcher.shutdown(timeout=1)
-        return self.exit_code
-
-    def status_line(self) -> str:
-        b = self.board
-        state = "draining" if self.intake.draining else "accepting"
-        return (f"{state}; queue {b.queued_items()}/{self.config.queue.max_items}; "
-                f"accepted {b.ptotal(ProducerField.ACCEPTED_PAYLOADS)}, uploaded {b.total(SlotField.UPLOADED_PAYLOADS)}, "
-                f"dead-lettered {b.total(SlotField.DEAD_LETTERED_PAYLOADS)} payloads; "
-                f"{sum(s.alive for s in self.slots)}/{len(self.slots)} uploaders")
-
     def handle_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -459,12 +191,237 @@ class Supervisor:
         else:
             log.info("received %s: ignored (restart to change the configuration)", name)
 
-    def _trim_ledger(self) -> None:
-        self.intake.depth()  # trims as a side effect, so an idle intake does not hold read items
-
-    def _sleep(self) -> None:
+    # -- children -----------------------------------------------------------------------------------
+    def _start_process(self, target: Callable[..., None], args: tuple[Any, ...], name: str) -> Process:
+        proc = self.ctx.Process(target=target, args=args, name=name, daemon=False)
+        # the child inherits blocked SIGINT/SIGTERM and ignores them once it runs our code; one
+        # arriving meanwhile stays pending here and is handled after the start, not lost. (The
+        # resource tracker, which multiprocessing starts at the first spawn, unblocks both in
+        # the calling thread: `boot` starts it before any of this.)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            select.select([self._wake_r], [], [], TICK_S)
-            self._wake_r.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            pass
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        return proc
+
+    def spawn(self, child: Child) -> None:
+        target: Callable[..., None]
+        args: tuple[Any, ...]
+        if child.role is Role.UPLOADER:
+            target, args = run_uploader, (child.index, self.config, self.queue, self.board)
+        else:
+            target, args = run_listener, (child.index, self.config, self.queue, self.board, self.sock)
+        child.process = self.start_process(target, args, f"ingestd-{child.role.value}-{child.index}")
+        child.started_at = self.clock()
+        child.transition(ChildState.STARTING)
+        log.info("spawned %s (pid %d)", child.name, child.pid)
+
+    def booted(self, child: Child) -> bool:
+        if child.role is Role.UPLOADER:
+            return self.board.uploader(child.index)[UploaderField.BOOTED_PID] == child.pid
+        return self.board.listener(child.index)[ListenerField.SERVING_PID] == child.pid
+
+    def reap(self) -> None:
+        """Collect dead children: schedule restarts, and bump the epoch after any abnormal death."""
+        now = self.clock()
+        for child in self.children:
+            proc = child.process
+            if proc is None or proc.is_alive():
+                continue
+            code = proc.exitcode
+            proc.join(0)
+            booted = self.booted(child)
+            child.process = None
+            if child.state is ChildState.STOPPING and code == 0:
+                child.transition(ChildState.EXITED)
+                log.info("%s exited after draining", child.name)
+                continue
+            self.bump_epoch(f"{child.name} stopped by {describe_exit(code)}")
+            self.schedule_restart(child, code, booted, now)
+
+    def schedule_restart(self, child: Child, code: int | None, booted: bool, now: float) -> None:
+        if code == CHILD_EXIT_BOOT_FAILED and not booted:
+            child.boot_failures_in_a_row += 1
+            if child.boot_failures_in_a_row >= self.config.workers.boot_failures_fatal:
+                child.transition(ChildState.FATAL)
+                log.critical("%s failed to boot %d times in a row; giving up (see the errors above)",
+                             child.name, child.boot_failures_in_a_row)
+                return
+        else:
+            child.boot_failures_in_a_row = 0
+        lived = now - child.started_at
+        child.crashes_in_a_row = 0 if lived >= STABLE_AFTER_S else child.crashes_in_a_row + 1
+        base = LISTENER_RESTART_S if child.role is Role.LISTENER else 0.1
+        delay = 0.0 if child.crashes_in_a_row == 0 else min(self.config.workers.restart_backoff_max_s,
+                                                              base * 2 ** (child.crashes_in_a_row - 1))
+        log.log(logging.INFO if code == 0 else logging.ERROR, "%s (%s) stopped by %s after %.1fs; restarting in %.2fs",
+                child.name, child.state.value, describe_exit(code), lived, delay)
+        child.transition(ChildState.BACKOFF)
+        child.restart_at = now + delay
+
+    def restart_due(self) -> None:
+        now = self.clock()
+        for child in self.children:
+            if child.state is ChildState.BACKOFF and now >= child.restart_at:
+                drain = self.drain
+                if drain is not None and (drain.exit_at is not None or
+                                          (child.role is Role.UPLOADER and now >= drain.deadline)):
+                    child.transition(ChildState.EXITED)  # too late: the next start recovers its files
+                    continue
+                child.restarts += 1
+                self.spawn(child)
+                if self.drain is not None and child.role is Role.UPLOADER:
+                    child.transition(ChildState.STOPPING)  # it finishes its predecessor's work, then leaves
+
+    def check_children(self) -> None:
+        """Mark booted children running; kill those whose heartbeat stopped."""
+        limit_ms = int(self.config.workers.heartbeat_timeout_s * 1000)
+        now = now_ms()
+        for child in self.children:
+            if child.process is None:
+                continue
+            if child.state is ChildState.STARTING and self.booted(child):
+                child.transition(ChildState.RUNNING)
+            if child.state is ChildState.RUNNING:
+                silent = now - self.board.row(child.role, child.index)[0]  # HEARTBEAT_MS
+                if silent > limit_ms:
+                    log.error("%s (pid %d) silent for %.1fs: killing it", child.name, child.pid, silent / 1000)
+                    child.process.kill()
+
+    def bump_epoch(self, why: str) -> None:
+        epoch = self.board.epoch + 1
+        self.board.control[Control.EPOCH] = epoch
+        log.warning("epoch %d: %s; what it held is put back on the queue", epoch, why)
+
+    def publish(self) -> None:
+        for child in self.children:
+            view = self.board.child(child.role, child.index)
+            view[ChildField.PID] = child.pid
+            view[ChildField.STATE] = _STATES.index(child.state)
+            view[ChildField.RESTARTS] = child.restarts
+
+    # -- drain ----------------------------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        if self.drain is not None:
+            log.warning("second stop signal: leaving what is not yet delivered for the next start")
+            self.drain.hurry()
+            return
+        timeout = self.config.shutdown.drain_timeout_s
+        self.drain = Drain(self, timeout)
+        self.notifier.stopping("draining")
+        log.info("draining: new requests get 503; %d references queued; deadline in %.1fs",
+                 self.queue.depth() if self.queue is not None else 0, timeout)
+
+    def finish(self) -> None:
+        b = self.board
+        uploaded = b.total(Role.UPLOADER, UploaderField.UPLOADED_PAYLOADS)
+        accepted = b.total(Role.LISTENER, ListenerField.ACCEPTED_PAYLOADS)
+        if self.spool.has_logged_data():
+            if self.config.spool.on_disk:
+                log.warning("drained: %d of %d payloads accepted in this run uploaded; the rest stays in %s for the "
+                            "next start", uploaded, accepted, self.spool.logs_root)
+            else:
+                size = self.spool.save_overflow()
+                log.warning("drained: %d of %d payloads accepted in this run uploaded; the rest (%d bytes, copied from "
+                            "tmpfs) stays in %s for the next start", uploaded, accepted, size, self.spool.overflow_dir)
+        else:
+            if not self.config.spool.on_disk:
+                self.spool.clear_logs_root()
+            log.info("drained: %d payloads uploaded, nothing left in the spool", uploaded)
+
+    # -- the control loop --------------------------------------------------------------------------------
+    def boot(self) -> int | None:
+        """Everything before the first spawn; an exit code when the daemon cannot start."""
+        try:
+            self.spool.lock_daemon()
+        except SpoolLockedError as e:
+            log.critical("%s", e)
+            return EXIT_STARTUP
+        self.spool.prepare()
+        held = self.spool.wait_for_old_children(OLD_CHILDREN_WAIT_S)
+        if held:
+            log.critical("processes of an earlier ingestd still hold %s; not starting beside them", ", ".join(held))
+            return EXIT_STARTUP
+        restored = self.spool.restore_overflow()
+        if restored:
+            log.info("restored %d bytes left by the last drain from %s", restored, self.spool.overflow_dir)
+        resource_tracker.ensure_running()  # see _start_process
+        self.board.control[Control.STARTED_MS] = now_ms()
+        self.board.control[Control.EPOCH] = 1
+        self.queue = RefQueue(self.config.queue.max_items, ctx=self.ctx)
+        host, port = parse_listen(self.config.http.listen)
+        try:
+            self.sock = bind_socket(host, port)
+        except OSError as e:
+            log.critical("cannot listen on %s: %s", self.config.http.listen, e)
+            return EXIT_STARTUP
+        bound_host, bound_port = self.sock.getsockname()[:2]
+        c = self.config
+        log.info("ingestd %s listening on http://%s:%s (%d listeners, %d uploaders, sink %s, durability %s, logs in %s)",
+                 __version__, bound_host, bound_port, c.http.listeners, c.workers.count, c.sink.kind,
+                 c.spool.durability, self.spool.logs_root)
+        return None
+
+    def run(self) -> int:
+        failed = self.boot()
+        if failed is not None:
+            return failed
+        self.install_signals()
+        for child in self.children:
+            self.spawn(child)
+        self.publish()
+        watchdog = watchdog_interval(self.environ)
+        last_ping = last_status = 0.0
+        while True:
+            self.wait_for_events()
+            while self.signals:
+                self.handle_signal(self.signals.pop(0))
+            self.reap()
+            self.restart_due()
+            self.check_children()
+            self.publish()
+            if any(c.state is ChildState.FATAL for c in self.children) and self.drain is None:
+                self.exit_code = EXIT_CHILD_BOOT
+                self.begin_drain()
+            if not self._ready_sent and all(c.state is ChildState.RUNNING for c in self.children):
+                self._ready_sent = True
+                self.notifier.ready(f"ready: {self.config.http.listeners} listeners, {self.config.workers.count} uploaders")
+                log.info("ready: every listener and uploader is running")
+            now = self.clock()
+            if self.notifier.enabled and self._ready_sent and now - last_status >= STATUS_EVERY_S:
+                self.notifier.status(self.status_line())
+                last_status = now
+            if watchdog and now - last_ping >= watchdog:
+                self.notifier.watchdog()
+                last_ping = now
+            if self.drain is not None and self.drain.step():
+                break
+        self.publish()
+        self.finish()
+        self.notifier.status("stopped")
+        return self.exit_code
+
+    def wait_for_events(self) -> None:
+        """Until a signal, a child's death, or a tick."""
+        waitables: list[Any] = [self._wake_r]
+        waitables += [c.process.sentinel for c in self.children if c.process is not None]
+        try:
+            ready = multiprocessing.connection.wait(waitables, TICK_S)
+        except InterruptedError:
+            return
+        if self._wake_r in ready:
+            try:
+                self._wake_r.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                pass
+
+    def status_line(self) -> str:
+        b = self.board
+        state = "draining" if self.drain is not None else "accepting"
+        depth = self.queue.depth() if self.queue is not None else 0
+        return (f"{state}; queue {depth}/{self.config.queue.max_items}; "
+                f"accepted {b.total(Role.LISTENER, ListenerField.ACCEPTED_PAYLOADS)}, "
+                f"uploaded {b.total(Role.UPLOADER, UploaderField.UPLOADED_PAYLOADS)}, "
+                f"dead-lettered {b.total(Role.UPLOADER, UploaderField.DEAD_LETTERED_PAYLOADS)} payloads; "
+                f"epoch {b.epoch}; {sum(c.process is not None for c in self.children)}/{len(self.children)} children")

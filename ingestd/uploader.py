@@ -1,267 +1,316 @@
-"""The uploader process: take items off the shared queue, batch them, write objects to the sink.
+"""The uploader process: take references off the shared queue, batch the logged requests they
+point at, write objects to the sink through `Delivery`.
 
-`run_uploader` is the process target (module level, so the `spawn` start method can import it).
-Each process builds its own sink client inside the child. Its life:
+`run_uploader` is the process target (module level, so the `spawn` start method can import
+it). Each process builds its own sink client inside the child. Its life:
 
-1. boot: build the sink, load the slot's in-flight file (what a previous occupant of the slot
-   held when it died or was spilled) into the batcher; a failure here exits with
-   UPLOADER_EXIT_BOOT_FAILED so the supervisor stops respawning.
-2. loop: take an item (logged to the in-flight file before the queue's lock is released),
-   write the batches that are full or old enough, rewrite the in-flight file to what is still
-   pending, heartbeat.
-3. on the STOP sentinel: write everything it holds and exit 0. When the drain deadline passes
-   with the sink still failing, it stops retrying and leaves its batches in the in-flight file:
-   the next start delivers them.
-
-Retryable sink errors are retried with exponential backoff and full jitter; while it retries,
-it takes nothing, so the bounded queue fills and the handlers answer 503: memory stays flat.
+1. boot: take its lock, recover its journal (and those of uploader indexes that no longer
+   exist: index k goes to k mod workers.count), build the sink. Intents left open by the
+   previous process of the index are sent first, to their own keys. A failure here exits with
+   CHILD_EXIT_BOOT_FAILED, so the supervisor stops respawning.
+2. loop: take up to a few dozen references, read their records from the logs, batch them;
+   every batch that is full or old enough becomes a journaled intent and goes to the sender
+   thread, which does the PUT while the main thread goes on taking. At most one object waits
+   behind the one being sent: while the sink is slow or down, the uploader stops taking, the
+   queue fills, and the listeners answer 503.
+3. epochs: when the supervisor bumps the epoch (a child died), the uploader drops what it holds
+   and has not journaled (the re-index puts it back on the queue), acknowledges the epoch, and
+   ignores references of older epochs from then on. Journaled intents stay its own.
+4. drain: once the listeners are quiet and re-indexed and the queue is empty, it cuts what it
+   holds, waits for the sender, and exits 0. At the drain deadline it exits at once, even in
+   the middle of a PUT: the intent is on disk, and the next start sends it again.
 """
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
-import random
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
-from .batching import Batch, Batcher
-from .board import Board, GlobalField, SlotField, now_ms
+from .batching import Batch, Batcher, Piece
 from .child import setup_child
-from .config import BatchConfig, Config
-from .errors import UPLOADER_EXIT_BOOT_FAILED, PermanentSinkError, RetryableSinkError
-from .jobqueue import JobQueue
-from .records import Item
-from .sinks import KeyMaker, Sink, build_sink
-from .spool import SlotFile, Spool
+from .config import Config
+from .delivery import DeadlineReached, Delivery
+from .errors import CHILD_EXIT_BOOT_FAILED
+from .journal import Intent, Journal
+from .refqueue import Ref, RefQueue, epoch_tag
+from .requestlog import Part, append_landed, read_record, segment_path
+from .scoreboard import ChildField, Control, ListenerField, Phase, Role, Scoreboard, UploaderField, now_ms
+from .sinks import KeyMaker, build_sink
+from .spool import Lock, Spool
 
 log = logging.getLogger(__name__)
 
-TAKE_TIMEOUT_S = 0.25  # longest wait on an empty queue: bounds heartbeat and age checks
-BACKLOG_TAKE_S = 0.02  # while gathering a backlog, how long to wait for the next item
-ORPHAN_GRACE_MS = 10_000  # an orphaned uploader's last attempt to write what it holds
+TAKE_TIMEOUT_S = 0.1  # longest wait on an empty queue: bounds heartbeat, epoch and age checks
+TAKE_MOST = 64  # references read at once
+FD_CACHE = 32
+COMPACT_EVERY_S = 1.0
 
 
-class DrainDeadline(Exception):
-    """The drain deadline passed while the sink was failing: leave the rest in the spool."""
+def journal_fsync(config: Config) -> str:
+    return config.spool.journal_fsync if config.spool.on_disk else "none"
 
 
-def encode_object(batch: Batch, config: BatchConfig, keys: KeyMaker) -> tuple[str, bytes, str | None]:
-    """Key, body and Content-Encoding of the object that stores `batch`."""
-    body = batch.body()
-    if config.compression == "gzip":
-        return keys.key(batch.oldest), gzip.compress(body, compresslevel=config.gzip_level, mtime=0), "gzip"
-    return keys.key(batch.oldest), body, None
+class Sender(threading.Thread):
+    """Delivers intents one at a time, in order, while the main thread goes on batching."""
+
+    def __init__(self, delivery: Delivery, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.delivery = delivery
+        self._work: deque[tuple[Intent, Journal, bytes | None]] = deque()
+        self._cond = threading.Condition()
+        self._busy = 0  # payloads of the object being sent
+        self.deadline_hit = False
+
+    def submit(self, intent: Intent, journal: Journal, body: bytes | None) -> None:
+        with self._cond:
+            self._work.append((intent, journal, body))
+            self._cond.notify_all()
+
+    def has_room(self) -> bool:
+        """Room for one object to wait behind the one being sent."""
+        with self._cond:
+            return len(self._work) < 2
+
+    def wait_for_room(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._work) < 2 or self.deadline_hit, timeout)
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._work and not self._busy
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: (not self._work and not self._busy) or self.deadline_hit, timeout)
+
+    @property
+    def pending_payloads(self) -> int:
+        with self._cond:
+            return self._busy + sum(i.count for i, _, _ in self._work)
+
+    def run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._work))
+                intent, journal, body = self._work[0]
+                self._busy = intent.count
+            try:
+                self.delivery.deliver(intent, journal, body)
+            except DeadlineReached:
+                with self._cond:
+                    self.deadline_hit = True
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._work.popleft()
+                self._busy = 0
+                self._cond.notify_all()
 
 
 class Uploader:
-    def __init__(self, slot: int, config: Config, queue: JobQueue | None, board: Board, sink: Sink,
-                 slot_file: SlotFile | None, spool: Spool, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep, parent: int | None = None) -> None:
-        self.slot = slot
+    def __init__(self, index: int, config: Config, queue: RefQueue, board: Scoreboard, delivery: Delivery,
+                 journals: list[Journal], spool: Spool, parent: int,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.index = index
         self.config = config
         self.queue = queue
         self.board = board
-        self.sink = sink
-        self.slot_file = slot_file
+        self.row = board.uploader(index)
+        self.delivery = delivery
+        self.journal = journals[0]
+        self.orphans = journals[1:]
         self.spool = spool
+        self.parent = parent
         self.clock = clock
-        self.sleep = sleep
         b = config.batch
         self.batcher = Batcher(b.max_payloads, b.max_bytes, b.max_age_ms / 1000.0, clock)
-        self.keys = KeyMaker(config.sink.prefix, b.compression == "gzip")
-        self.parent = os.getppid() if parent is None else parent
-        self._sender: threading.Thread | None = None
-        self._unsent: list[Batch] = []  # what the sender could not write before the drain deadline
+        self.sender = Sender(delivery, f"sender-{index}")
+        self.epoch = board.epoch
+        self._fds: dict[tuple[int, int], int] = {}
+        self._stale = 0
 
-    # -- life ---------------------------------------------------------------------------------
-    def load_inflight(self) -> int:
-        assert self.slot_file is not None
-        items = self.slot_file.load()
-        for item in items:
-            self.batcher.add(item)
-        n = sum(i.count for i in items)
-        self.board.set(self.slot, SlotField.PENDING_PAYLOADS, len(self.batcher))
-        return n
+    # -- epochs ---------------------------------------------------------------------------------
+    def follow_epoch(self) -> None:
+        epoch = self.board.epoch
+        if epoch == self.epoch:
+            return
+        dropped = self.batcher.clear()
+        self.epoch = epoch
+        self.row[UploaderField.ACK_EPOCH] = epoch
+        log.info("uploader %d: epoch %d: dropped %d unjournaled payloads (the re-index puts them back)",
+                 self.index, epoch, dropped)
 
-    def _on_taken(self, item: Item) -> None:
-        assert self.slot_file is not None
-        if item.count:
-            self.slot_file.append(item)
-            self.board.add(self.slot, SlotField.TAKEN_ITEMS)
-            self.board.add(self.slot, SlotField.TAKEN_BYTES, len(item.lines))
+    # -- taking ----------------------------------------------------------------------------------
+    def _fd(self, ref: Ref) -> int:
+        key = ref.segment_key
+        fd = self._fds.get(key)
+        if fd is None:
+            if len(self._fds) >= FD_CACHE:
+                self.close_fds()
+            fd = self._fds[key] = os.open(segment_path(self.spool.logs_dir, ref.listener, ref.segment),
+                                          os.O_RDONLY | os.O_CLOEXEC)
+        return fd
 
-    def run(self) -> None:
-        assert self.queue is not None and self.slot_file is not None
-        stopping = False
-        while not stopping:
-            self.board.beat(self.slot)
+    def close_fds(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def add(self, ref: Ref) -> None:
+        if ref.epoch != epoch_tag(self.epoch):
+            self._stale += 1
+            return
+        part = Part(ref.listener, ref.segment, ref.offset, ref.first_line, ref.count)
+        try:
+            got = read_record(self._fd(ref), ref)
+        except FileNotFoundError:
+            got = None
+        if got is None:
+            # damaged storage under a reference of this epoch: keep what is there for inspection,
+            # and record the part as landed so its segment can go (it can never be delivered)
+            self.row.add(UploaderField.DAMAGED_RECORDS)
+            path = segment_path(self.spool.logs_dir, ref.listener, ref.segment)
+            try:
+                data = os.pread(self._fd(ref), ref.length, ref.offset)
+            except OSError:
+                data = b""
+            self.spool.quarantine(path, data, f"record at offset {ref.offset} fails its checksum")
+            append_landed(self.spool.logs_dir, [part])
+            return
+        self.batcher.add(Piece(part, got[0], got[1]))
+
+    def hand_over(self, batches: list[Batch]) -> None:
+        for batch in batches:
+            while True:
+                try:
+                    intent = self.delivery.cut(batch, self.journal)
+                    break
+                except OSError as e:  # journal full: wait (the queue fills and ingest answers 503)
+                    log.error("uploader %d: cannot write an intent (%s); retrying", self.index, e)
+                    self.row.beat()
+                    time.sleep(0.5)
+                    if self.deadline_passed():
+                        return
+            self.sender.submit(intent, self.journal, batch.body())
+
+    # -- draining ---------------------------------------------------------------------------------
+    def deadline_passed(self) -> bool:
+        deadline = self.board.control[Control.DEADLINE_MS]
+        return bool(deadline) and now_ms() >= deadline
+
+    def listeners_done(self) -> bool:
+        """Every live listener is quiet (nothing between log and queue) and re-indexed."""
+        epoch = self.board.epoch
+        for i in range(self.board.counts[Role.LISTENER]):
+            pid = self.board.child(Role.LISTENER, i)[ChildField.PID]
+            if not pid:
+                continue
+            row = self.board.listener(i)
+            if row[ListenerField.QUIET_PID] != pid or row[ListenerField.INDEXED_EPOCH] != epoch:
+                return False
+        return True
+
+    def can_finish(self) -> bool:
+        return self.listeners_done() and self.queue.depth() == 0
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self, resend: list[tuple[Intent, Journal]]) -> None:
+        for intent, journal in resend:
+            self.sender.submit(intent, journal, None)
+        self.sender.start()
+        last_compact = time.monotonic()
+        while True:
+            self.row.beat()
+            if os.getppid() != self.parent:
+                log.error("uploader %d: the supervisor is gone; exiting (the next start delivers the rest)", self.index)
+                return
+            self.follow_epoch()
+            if self.board.phase is not Phase.RUNNING:
+                if self.deadline_passed() or self.sender.deadline_hit:
+                    log.warning("uploader %d: drain deadline passed; %d payloads stay logged for the next start",
+                                self.index, len(self.batcher) + self.sender.pending_payloads)
+                    return
+                if self.can_finish():
+                    self.hand_over(self.batcher.take_all())
+                    if self.sender.wait_idle(0.1) and not self.sender.deadline_hit:
+                        if self.can_finish() and not len(self.batcher):
+                            log.info("uploader %d: drained, exiting", self.index)
+                            return
+                    continue
+            if not self.sender.has_room():
+                self.sender.wait_for_room(TAKE_TIMEOUT_S)
+                self._publish()
+                continue
             due = self.batcher.due_at()
             timeout = TAKE_TIMEOUT_S if due is None else min(TAKE_TIMEOUT_S, max(0.0, due - self.clock()))
-            item = self.queue.take(self.board, self.slot, timeout, self._on_taken)
-            # A backlog (sink slow, uploader restarted) is all past max_age: take what is ready
-            # right now, up to a full batch, before cutting, or each item would be its own object.
-            taken = 0
-            while item is not None:
-                if item.seq < 0:
-                    stopping = True
-                    break
-                self.batcher.add(item)
-                taken += item.count
-                if taken >= self.batcher.max_payloads:
-                    break
-                if self._sender is not None and not self._sender.is_alive():
-                    # drop what just landed from the in-flight file now: a kill before the
-                    # rewrite would send it twice
-                    self.reap_sender(wait=False)
-                # a short wait, not 0: the other uploader holds the read lock while it polls
-                item = self.queue.take(self.board, self.slot, BACKLOG_TAKE_S, self._on_taken)
-            if taken:
-                self.board.set(self.slot, SlotField.PENDING_PAYLOADS, len(self.batcher))
-            batches = self.batcher.take_all() if stopping else self.batcher.take_ready()
-            try:
-                self.reap_sender(wait=bool(batches) or stopping, holding=batches)
-                if batches:
-                    self.start_sender(batches)
-                    if stopping:
-                        self.reap_sender(wait=True)
-            except DrainDeadline:
-                log.warning("uploader %d: drain deadline passed with the sink failing; %d payloads stay in %s",
-                            self.slot, len(self.batcher), self.slot_file.path)
-                return
-            if os.getppid() != self.parent:
-                # orphaned (the supervisor was killed): try for a while, then leave the rest in
-                # the in-flight file, which the next daemon's uploader in this slot picks up
-                log.error("uploader %d: supervisor is gone; writing what it holds and exiting", self.slot)
-                self.board.gset(GlobalField.DRAIN_DEADLINE_MS, now_ms() + ORPHAN_GRACE_MS)
-                try:
-                    self.reap_sender(wait=True)
-                    if len(self.batcher):
-                        self.start_sender(self.batcher.take_all())
-                        self.reap_sender(wait=True)
-                except DrainDeadline:
-                    pass
-                return
-        log.info("uploader %d: drained, exiting", self.slot)
+            refs = self.queue.take(TAKE_MOST, timeout)
+            for ref in refs:
+                self.add(ref)
+            if not refs:
+                self.close_fds()  # idle: let deleted segments go (tmpfs frees them on the last close)
+            self.hand_over(self.batcher.take_ready())
+            self._publish()
+            if time.monotonic() - last_compact >= COMPACT_EVERY_S:
+                last_compact = time.monotonic()
+                self.housekeeping()
 
-    # -- delivery -----------------------------------------------------------------------------
-    # One sender thread uploads while the main thread goes on taking items: a PUT is mostly
-    # waiting on the network (the GIL is free), and an uploader that stops taking while it
-    # uploads halves what the pool drains. At most one upload is in flight per uploader. Only
-    # the main thread touches the in-flight file: it rewrites it once an upload is done.
-    def start_sender(self, batches: list[Batch]) -> None:
-        self._unsent = []
-        self._sender = threading.Thread(target=self._send, args=(batches,), name="sender", daemon=True)
-        self._sender.start()
+    def _publish(self) -> None:
+        self.row[UploaderField.PENDING_PAYLOADS] = len(self.batcher) + self.sender.pending_payloads
 
-    def _send(self, batches: list[Batch]) -> None:
-        for i, batch in enumerate(batches):
-            try:
-                self.upload(batch)
-            except DrainDeadline:
-                self._unsent = batches[i:]
-                return
-
-    def reap_sender(self, wait: bool, holding: list[Batch] | None = None) -> None:
-        """Collect a finished upload (or wait for it): rewrite the in-flight file to what is
-        still pending, `holding` (batches cut but not yet handed to a sender) included; after a
-        drain deadline, put the unsent batches back and raise DrainDeadline."""
-        sender = self._sender
-        if sender is None:
-            return
-        while sender.is_alive():
-            if not wait:
-                return
-            self.board.beat(self.slot)
-            sender.join(0.2)
-        self._sender = None
-        assert self.slot_file is not None
-        unsent, self._unsent = self._unsent, []
-        if unsent:
-            # the drain deadline passed: everything goes back to the batcher and stays in the file
-            for batch in unsent + list(holding or []):
-                for item in batch.items:
-                    self.batcher.add(item)
-            if holding:
-                holding.clear()
-            self.slot_file.rewrite(self.batcher.pending())
-            self.board.set(self.slot, SlotField.PENDING_PAYLOADS, len(self.batcher))
-            raise DrainDeadline()
-        held = [item for batch in holding or [] for item in batch.items]
-        self.slot_file.rewrite(self.batcher.pending() + held)
-        self.board.set(self.slot, SlotField.PENDING_PAYLOADS, len(self.batcher) + sum(i.count for i in held))
-
-    def upload(self, batch: Batch) -> None:
-        """Write one batch; a permanent refusal sends it to the dead-letter spool instead."""
-        key, body, encoding = encode_object(batch, self.config.batch, self.keys)
-        try:
-            self.put_with_retry(key, body, encoding, batch.count)
-        except PermanentSinkError as e:
-            path = self.spool.write_dead_letter(batch.items, f"{key}: {e}")
-            self.board.add(self.slot, SlotField.DEAD_LETTERED_PAYLOADS, batch.count)
-            log.error("uploader %d: sink refused %s for good (%s); %d payloads dead-lettered to %s",
-                      self.slot, key, e, batch.count, path)
-            return
-        self.board.add(self.slot, SlotField.UPLOADED_PAYLOADS, batch.count)
-        self.board.add(self.slot, SlotField.UPLOADED_OBJECTS)
-        log.debug("uploader %d: wrote %s (%d payloads, %d bytes)", self.slot, key, batch.count, len(body))
-
-    def put_with_retry(self, key: str, body: bytes, encoding: str | None, count: int) -> None:
-        """Retry retryable errors with exponential backoff and full jitter, until the drain deadline."""
-        sink_cfg = self.config.sink
-        attempt = 0
-        while True:
-            try:
-                self.sink.put(key, body, encoding)
-            except RetryableSinkError as e:
-                self.board.add(self.slot, SlotField.FAILED_UPLOADS)
-                self.board.set(self.slot, SlotField.LAST_FAIL_MS, now_ms())
-                cap = min(sink_cfg.retry_max_ms, sink_cfg.retry_base_ms * 2 ** min(attempt, 30)) / 1000.0
-                delay = random.uniform(0, cap)
-                attempt += 1
-                log.warning("uploader %d: upload of %s failed (attempt %d, %d payloads), retrying in %.2fs: %s",
-                            self.slot, key, attempt, count, delay, e)
-                self._wait(delay)
-                continue
-            except PermanentSinkError:
-                self.board.add(self.slot, SlotField.FAILED_UPLOADS)
-                self.board.set(self.slot, SlotField.LAST_FAIL_MS, now_ms())
-                raise
-            self.board.set(self.slot, SlotField.LAST_OK_MS, now_ms())
-            return
-
-    def _wait(self, delay: float) -> None:
-        """Sleep between retries, heartbeating, and give up at the drain deadline."""
-        end = time.monotonic() + delay
-        while True:
-            self.board.beat(self.slot)
-            deadline = self.board.gget(GlobalField.DRAIN_DEADLINE_MS)
-            if deadline and now_ms() >= deadline:
-                raise DrainDeadline()
-            left = end - time.monotonic()
-            if left <= 0:
-                return
-            self.sleep(min(left, 0.2))
+    def housekeeping(self) -> None:
+        self.journal.sync()
+        self.journal.compact()
+        for orphan in list(self.orphans):
+            orphan.compact()
+            if orphan.remove_if_empty():
+                self.orphans.remove(orphan)
+                log.info("uploader %d: journal %s of a former uploader is done and removed", self.index, orphan.dir)
 
 
-def run_uploader(slot: int, config: Config, queue: JobQueue, board: Board) -> None:
-    """Process target of an uploader slot."""
-    parent = setup_child(config.log, f"uploader-{slot}")
+def adopt_journals(spool: Spool, index: int, count: int, fsync: str, held: list[Lock]) -> list[Journal]:
+    """Its own journal, then those of indexes >= count that map to it (k mod count); the locks
+    of those go into `held` (they must live as long as the process)."""
+    journals = [Journal(spool.journal_dir(str(index)), fsync)]
+    for k in spool.indexes(spool.journals_dir):
+        if k >= count and k % count == index:
+            lock = spool.child_lock(f"uploader-{k}")
+            if lock.acquire(0):
+                held.append(lock)
+                journals.append(Journal(spool.journal_dir(str(k)), fsync))
+    return journals
+
+
+def run_uploader(index: int, config: Config, queue: RefQueue, board: Scoreboard) -> None:
+    """Process target of uploader `index`."""
+    spool = Spool(config.spool)
+    held = [spool.child_lock(f"uploader-{index}")]
+    parent = setup_child(config.log, f"uploader-{index}", held[0])
+    row = board.uploader(index)
+    row.beat()
     try:
-        spool = Spool(config.spool.path, fsync=config.spool.durability == "disk")
-        # the in-flight file takes over from the journal: as durable as the journal's policy
-        always = config.spool.durability == "disk" and config.spool.journal_fsync == "always"
-        slot_file = SlotFile(spool.slot_path(slot), fsync=always)
-        uploader = Uploader(slot, config, queue, board, build_sink(config.sink), slot_file, spool, parent=parent)
-        spool.claim_overflow(slot_file)  # what listeners spilled when the queue was rebuilt
-        loaded = uploader.load_inflight()
+        journals = adopt_journals(spool, index, config.workers.count, journal_fsync(config), held)
+        resend = [(intent, j) for j in journals for intent in j.recover()]
+        sink = build_sink(config.sink)
     except Exception:
-        log.exception("uploader %d: cannot boot", slot)
-        sys.exit(UPLOADER_EXIT_BOOT_FAILED)
-    board.set(slot, SlotField.BOOTED_MS, now_ms())
-    log.info("uploader %d: started (pid %d, sink %s, %d payloads to deliver again)",
-             slot, os.getpid(), uploader.sink.describe(), loaded)
-    uploader.run()
+        log.exception("uploader %d: cannot boot", index)
+        sys.exit(CHILD_EXIT_BOOT_FAILED)
+    b, s = config.batch, config.sink
+    delivery = Delivery(f"uploader {index}", sink, spool, KeyMaker(s.prefix, b.compression == "gzip"), b.compression,
+                        b.gzip_level, s.retry_base_ms, s.retry_max_ms, row,
+                        deadline_ms=lambda: board.control[Control.DEADLINE_MS], alive=row.beat)
+    uploader = Uploader(index, config, queue, board, delivery, journals, spool, parent)
+    row[UploaderField.ACK_EPOCH] = uploader.epoch
+    row[UploaderField.BOOTED_PID] = os.getpid()
+    log.info("uploader %d: started (pid %d, sink %s, %d objects to send again)", index, os.getpid(), sink.describe(),
+             len(resend))
+    uploader.run(resend)
+    # the sender may still be in a PUT at the drain deadline: its intent is journaled, so leave now
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+

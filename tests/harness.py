@@ -231,18 +231,63 @@ def hidden_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and (p.name.startswith(".") or p.name.endswith(".tmp"))]
 
 
-def spool_lines(spool_root: Path, *subdirs: str) -> list[dict[str, Any]]:
-    """Envelope lines of every record in the spool's `subdirs` (default: inflight and overflow)."""
-    from ingestd.spool import read_file  # the reader of the daemon's own framing
+def logs_root(workdir: Path) -> Path:
+    """Where the daemon of `workdir` keeps its request logs and journals (from its config)."""
+    import tomllib
+
+    from ingestd.config import from_mapping
+
+    config = from_mapping(tomllib.loads((workdir / "config.toml").read_text()))
+    return Path(config.spool.logs_root())
+
+
+def logged_lines(root: Path) -> list[dict[str, Any]]:
+    """Envelope lines still held in the request logs under `root` (a logs root, or an overflow
+    copy of one): every logged payload line that is neither cancelled nor recorded as landed.
+    Read-only, with the daemon's own framing."""
+    from ingestd.records import Kind, parse_request, scan, slice_lines
+    from ingestd.requestlog import Segment, uncovered_ranges
 
     out: list[dict[str, Any]] = []
-    for sub in subdirs or ("inflight", "overflow"):
-        for path in sorted((spool_root / sub).glob("*.rec")):
-            for item in read_file(path):
-                lines = [orjson.loads(ln) for ln in item.lines.splitlines() if ln]
-                assert len(lines) == item.count, f"{path}: record says {item.count} payloads, holds {len(lines)}"
-                out += lines
+    for path in sorted((root / "logs").glob("*/*.log")):
+        seg = Segment(0, 0, path)
+        seg.refresh_landed()
+        landed: dict[int, list[tuple[int, int]]] = {}
+        for (offset, first), count in seg.landed.items():
+            landed.setdefault(offset, []).append((first, count))
+        records = scan(path.read_bytes()).records
+        cancelled = {int.from_bytes(r.body[:4], "little") for r in records if r.kind is Kind.CANCEL}
+        for rec in records:
+            if rec.kind is not Kind.REQUEST or rec.offset in cancelled:
+                continue
+            request = parse_request(rec.body)
+            for first, count in uncovered_ranges(request.count, landed.get(rec.offset, [])):
+                out += [orjson.loads(ln) for ln in slice_lines(request.lines, first, count).splitlines()]
     return out
+
+
+def dead_lines(spool_root: Path) -> list[dict[str, Any]]:
+    """Envelope lines of every dead letter under the spool."""
+    from ingestd.config import SpoolConfig
+    from ingestd.spool import Spool
+
+    spool = Spool(SpoolConfig(path=str(spool_root)))
+    out: list[dict[str, Any]] = []
+    for path in spool.dead_letters():
+        found = spool.read_dead_letter(path)
+        assert found is not None, f"{path} is damaged"
+        meta, body = found
+        lines = [orjson.loads(ln) for ln in body.splitlines() if ln]
+        assert len(lines) == meta["count"], f"{path}: says {meta['count']} payloads, holds {len(lines)}"
+        out += lines
+    return out
+
+
+def spool_lines(workdir: Path) -> list[dict[str, Any]]:
+    """Everything the daemon of `workdir` holds and has not landed: its logs (with a drain's
+    overflow copy) and its dead letters."""
+    spool_root = workdir / "spool"
+    return logged_lines(logs_root(workdir)) + logged_lines(spool_root / "overflow") + dead_lines(spool_root)
 
 
 class StalledServer:

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +43,17 @@ def bucket(s3: Any, request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+def memory_path(tmp_path: Path) -> Iterator[Path]:
+    """A folder on tmpfs for the logs of memory durability (as in production), removed at teardown."""
+    path = Path("/dev/shm") / f"ingestd-test-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path, memory_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Build (not start) daemons in tmp_path; every one is killed by process group at teardown."""
     made: list[Daemon] = []
 
@@ -48,7 +61,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         base = {
             "http": {"listen": "127.0.0.1:0"},
             "sink": {"kind": "directory", "path": str(tmp_path / "objects")},
-            "spool": {"path": str(tmp_path / "spool")},
+            "spool": {"path": str(tmp_path / "spool"), "memory_path": str(memory_path)},
             "batch": {"max_age_ms": 200},
             "shutdown": {"drain_timeout_s": 10},
         }

@@ -31,7 +31,7 @@ from tests.faults import (  # noqa: F401 - fixtures are used by name
     s3_tables,
     unique_prefix,
 )
-from tests.harness import payload_ids, read_bucket, spool_lines, wait_for
+from tests.harness import dead_lines, payload_ids, read_bucket, spool_lines, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -51,9 +51,16 @@ def sigterm(d: Any, timeout: float = 30.0) -> float:
     return time.monotonic() - began
 
 
-def dead_files(spool: Path) -> tuple[list[Path], list[Path]]:
-    dead = spool / "dead"
-    return sorted(dead.glob("*.rec")), sorted(dead.glob("*.why"))
+def dead_files(spool: Path) -> list[Path]:
+    return sorted((spool / "dead").glob("*.dead"))
+
+
+def dead_reasons(spool: Path) -> list[str]:
+    from ingestd.config import SpoolConfig
+    from ingestd.spool import Spool
+
+    reader = Spool(SpoolConfig(path=str(spool)))
+    return [str(reader.read_dead_letter(p)[0]["reason"]) for p in dead_files(spool)]  # type: ignore[index]
 
 
 # -- 1. 500 for a while, then healthy ----------------------------------------------------------------
@@ -135,7 +142,7 @@ def test_never_answering_tcp_sink_buffers_then_refuses_then_delivers_after_resta
     drained = sigterm(d, 20)
     print(f"\ntcp-never-answers: drain took {drained:.1f}s (drain_timeout_s=1)")
     assert drained < 1 + 6, f"drain took {drained:.1f}s with drain_timeout_s=1"
-    held = [line["payload"]["id"] for line in spool_lines(d.workdir / "spool")]
+    held = [line["payload"]["id"] for line in spool_lines(d.workdir)]
     assert sorted(held) == sorted(ledger.acked), "what the drain spilled is not what was acknowledged"
 
     d2 = daemon_factory({**tables, **s3_tables(bucket, moto_server)}).start()
@@ -143,7 +150,7 @@ def test_never_answering_tcp_sink_buffers_then_refuses_then_delivers_after_resta
     sigterm(d2)
     check_delivery("tcp-never-answers-then-restart", ledger, payload_ids(read_bucket(s3, bucket)),
                    allow_duplicates=False)
-    assert spool_lines(d.workdir / "spool") == []
+    assert spool_lines(d.workdir) == []
 
 
 def test_hanging_sink_memory_stays_flat_then_everything_lands(daemon_factory, fault_proxy: FaultProxy, s3, bucket):
@@ -232,10 +239,10 @@ def test_permanent_errors_dead_letter_then_replay(daemon_factory, fault_proxy: F
     assert f"ingestd_dead_lettered_payloads_total {float(ledger.acked_payloads)}" in metrics
 
     spool = d.workdir / "spool"
-    recs, whys = dead_files(spool)
-    assert recs and [p.stem for p in recs] == [p.stem for p in whys], (recs, whys)
-    assert all(code_name in p.read_text() for p in whys), [p.read_text() for p in whys]
-    dead_ids = [line["payload"]["id"] for line in spool_lines(spool, "dead")]
+    recs = dead_files(spool)
+    assert recs, "no dead letter written"
+    assert all(code_name in why for why in dead_reasons(spool)), dead_reasons(spool)
+    dead_ids = [line["payload"]["id"] for line in dead_lines(spool)]
     assert sorted(dead_ids) == sorted(ledger.acked)
     # each batch was tried once, not retried: one request to the sink per dead-letter file
     tried = fault_proxy.count("forwarded" if fault == "missing-bucket" else fault)
@@ -248,7 +255,7 @@ def test_permanent_errors_dead_letter_then_replay(daemon_factory, fault_proxy: F
     if fault == "403":  # replay while the sink still refuses: exit non-zero, nothing removed
         r = run_ingestd(["replay", "--config", str(d.config_path)], d.workdir)
         assert r.returncode != 0, r
-        assert dead_files(spool) == (recs, whys)
+        assert dead_files(spool) == recs
 
     # make the sink work, then replay with the daemon stopped
     if fault == "missing-bucket":
@@ -257,7 +264,7 @@ def test_permanent_errors_dead_letter_then_replay(daemon_factory, fault_proxy: F
     r = run_ingestd(["replay", "--config", str(d.config_path)], d.workdir)
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
     assert f"replayed {ledger.acked_payloads} payloads" in r.stdout, r.stdout
-    assert dead_files(spool) == ([], []), "replay left dead letters behind"
+    assert dead_files(spool) == [], "replay left dead letters behind"
     forwarded = fault_proxy.count("forwarded")
     first = payload_ids(read_bucket(s3, target))
 
@@ -287,9 +294,9 @@ def test_drain_with_failing_sink_spills_then_delivers(daemon_factory, fault_prox
     print(f"\ndrain with a failing sink took {drained:.1f}s (drain_timeout_s={drain_timeout})")
     assert drained < drain_timeout + 4, f"drain took {drained:.1f}s with drain_timeout_s={drain_timeout}"
     spool = d.workdir / "spool"
-    held = [line["payload"]["id"] for line in spool_lines(spool)]
+    held = [line["payload"]["id"] for line in spool_lines(d.workdir)]
     assert sorted(held) == sorted(ledger.acked), "the spool does not hold exactly what was acknowledged"
-    assert "stay in" in d.log()
+    assert "stays in" in d.log()
     assert read_bucket(s3, bucket) == {}
 
     fault_proxy.set_mode(None)
@@ -303,6 +310,6 @@ def test_drain_with_failing_sink_spills_then_delivers(daemon_factory, fault_prox
         forwarded = fault_proxy.count("forwarded")
         r2 = run_ingestd(["replay", "--config", str(d.config_path)], d.workdir)
         assert r2.returncode == 0 and fault_proxy.count("forwarded") == forwarded, (r2, fault_proxy.counts)
-    assert spool_lines(spool) == [], "payloads left in the spool after delivery"
+    assert spool_lines(d.workdir) == [], "payloads left in the spool after delivery"
     check_delivery(f"drain-failing-sink-then-{deliver_by}", ledger, payload_ids(read_bucket(s3, bucket)),
                    allow_duplicates=False)

@@ -360,5 +360,5 @@ def test_503_with_retry_after_when_the_queue_is_full(daemon_factory, stalled_s3_
 
     d.signal(signal.SIGTERM)
     assert d.wait(20) == 0, d.log()
-    kept = [line["payload"]["id"] for line in spool_lines(tmp_path / "spool")]
+    kept = [line["payload"]["id"] for line in spool_lines(tmp_path)]
     assert Counter(kept) == Counter(accepted), f"spool holds {sorted(kept)}, accepted {accepted}"

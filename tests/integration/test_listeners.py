@@ -1,4 +1,4 @@
-"""Several listener processes on one port (http.listeners > 1, SO_REUSEPORT): real processes."""
+"""Several listener processes sharing the supervisor's socket (http.listeners > 1): real processes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 import signal
 from collections import Counter
 
-import orjson
 import requests
 
 from tests.harness import payload_ids, read_bucket, read_directory_sink, wait_for
@@ -53,59 +52,9 @@ def test_a_killed_listener_is_restarted_and_health_agrees_across_processes(daemo
     wait_for(lambda: d.health()["counters"]["uploaded_payloads"] >= 60, 20, "uploads")
     for snap in snaps:
         assert snap["counters"]["accepted_payloads"] == 60  # summed over both listeners' rows
-        assert {w["slot"] for w in snap["workers"]} == {0, 1} and all(w["alive"] for w in snap["workers"])
+        assert {w["index"] for w in snap["workers"]} == {0, 1} and all(w["alive"] for w in snap["workers"])
         assert snap["rss_bytes"] > 1_000_000
     d.signal(signal.SIGTERM)
     assert d.wait(30) == 0, d.log()
     assert Counter(payload_ids(read_directory_sink(tmp_path / "objects"))) == Counter(ids)
     assert "listener 1 stopped by signal 9" in d.log()
-
-
-def test_listener_hands_over_its_unread_items_when_the_queue_is_rebuilt(tmp_path):
-    """What the supervisor's queue rebuild relies on: a listener process that sees a new queue
-    generation spills what no uploader read to overflow and exits 0; an uploader's boot then
-    claims that overflow into its in-flight file."""
-    import multiprocessing
-    import socket as _socket
-
-    from ingestd.board import Board, GlobalField, ProducerField
-    from ingestd.config import from_mapping
-    from ingestd.jobqueue import JobQueue
-    from ingestd.listener import run_listener
-    from ingestd.spool import SlotFile, Spool, read_file
-
-    with _socket.socket() as s:  # a free port for the listener (it binds with SO_REUSEPORT)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = from_mapping({"spool": {"path": str(tmp_path / "spool")}, "http": {"listeners": 2}})
-    spool = Spool(config.spool.path)
-    spool.prepare()
-    ctx = multiprocessing.get_context("spawn")
-    board = Board(ctx, 1, producers=2)
-    queue = JobQueue(10, ctx=ctx)
-    proc = ctx.Process(target=run_listener, args=(1, config, queue, board, "127.0.0.1", port))
-    proc.start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: board.pget(1, ProducerField.PID) == proc.pid, 30, "the listener to serve")
-        ids = [f"unread-{i}" for i in range(3)]
-        for x in ids:
-            r = requests.post(url + "/v1/payloads", json={"data": [{"id": x}]}, timeout=10,
-                              headers={"Connection": "close"})
-            assert r.status_code == 202
-        board.gset(GlobalField.QUEUE_GENERATION, 1)
-        proc.join(30)
-        assert proc.exitcode == 0
-        assert board.pget(1, ProducerField.PID) == 0
-        spilled = [f for f in (tmp_path / "spool" / "overflow").glob("*.rec")]
-        assert len(spilled) == 1
-        slot_file = SlotFile(spool.slot_path(0))
-        assert spool.claim_overflow(slot_file) == 3
-        assert list((tmp_path / "spool" / "overflow").glob("*.rec")) == []
-        lines = b"".join(item.lines for item in read_file(spool.slot_path(0)))
-        assert sorted(line["payload"]["id"] for line in map(orjson.loads, lines.splitlines())) == ids
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        queue.cancel_join_thread()
-        queue.close()

@@ -1,0 +1,177 @@
+"""Delivery: one object from intent to outcome. Used by uploaders and `ingestd replay` alike.
+
+`Delivery.cut` turns a batch into an `Intent` (key from the batch's oldest payload and a fresh
+id) and journals it; `Delivery.deliver` encodes the object (gzip with mtime 0: the same intent
+always gives the same bytes), puts it with exponential backoff and full jitter until it lands
+or the deadline passes, and records the outcome: LANDED, or DEAD once a permanent refusal has
+been written to the dead-letter spool. Either way the parts are then recorded as landed beside
+their log segments, which lets the listeners delete them.
+
+What cannot be recorded (a full disk under the journal or the dead-letter spool, the spool
+cap) is retried like a sink error: nothing is ever dropped, and meanwhile the queue fills and
+the daemon answers 503.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .batching import Batch
+from .errors import PermanentSinkError, RetryableSinkError
+from .journal import Intent, Journal
+from .requestlog import append_landed, read_parts
+from .scoreboard import Row, UploaderField, now_ms
+from .sinks import KeyMaker, Sink
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+class DeadlineReached(Exception):
+    """The drain deadline passed before the object landed: it stays in the logs and journal."""
+
+
+class Delivery:
+    def __init__(self, name: str, sink: Sink, spool: Spool, keys: KeyMaker, compression: str, gzip_level: int,
+                 retry_base_ms: int, retry_max_ms: int, row: Row, deadline_ms: Callable[[], int],
+                 sleep: Callable[[float], None] = time.sleep, alive: Callable[[], None] = lambda: None) -> None:
+        self.name = name  # "uploader 1", "replay": for log lines
+        self.sink = sink
+        self.spool = spool
+        self.keys = keys
+        self.encoding = "gzip" if compression == "gzip" else None
+        self.gzip_level = gzip_level
+        self.retry_base_ms = retry_base_ms
+        self.retry_max_ms = retry_max_ms
+        self.row = row
+        self.deadline_ms = deadline_ms  # 0: none
+        self.sleep = sleep
+        self.alive = alive  # heartbeat while waiting
+
+    def cut(self, batch: Batch, journal: Journal) -> Intent:
+        """The intent of `batch`, journaled (raises OSError when the journal cannot be written)."""
+        intent_id = secrets.token_hex(8)
+        intent = Intent(intent_id, self.keys.key(batch.oldest, intent_id), self.encoding, self.gzip_level,
+                        batch.parts, batch.count, batch.size, batch.oldest)
+        journal.intend(intent)
+        return intent
+
+    @staticmethod
+    def encode(body: bytes, encoding: str | None, level: int) -> bytes:
+        """The object's bytes: the same body, encoding and level always give the same bytes."""
+        if encoding == "gzip":
+            return gzip.compress(body, compresslevel=level, mtime=0)
+        return body
+
+    def deliver(self, intent: Intent, journal: Journal, body: bytes | None = None) -> bool:
+        """Put the object of `intent` and record the outcome. `body` is read back from the logs
+        when not given (a re-send). Returns True once the outcome is recorded; raises
+        DeadlineReached when the deadline passes first."""
+        if body is None:
+            try:
+                body = read_parts(self.spool.logs_dir, intent.parts)
+            except ValueError as e:
+                self._quarantine(intent, journal, str(e))
+                return True
+            if body is None:
+                # a segment of it is gone: segments are deleted only once every part landed,
+                # so this object landed before the crash that left its intent open
+                self._retry(lambda: journal.close_intent(intent.id), intent, "journal")
+                return True
+            self.row.add(UploaderField.RESENT_OBJECTS)
+            log.info("%s: sending %s again (%d payloads, left open by an earlier process)", self.name, intent.key,
+                     intent.count)
+        data = self.encode(body, intent.encoding, intent.level)
+        try:
+            self.put_object(intent.key, data, intent.encoding, intent.count)
+        except PermanentSinkError as e:
+            self._dead_letter(intent, journal, body, str(e))
+            return True
+        self._retry(lambda: journal.close_intent(intent.id), intent, "journal")
+        self._retry(lambda: append_landed(self.spool.logs_dir, list(intent.parts)), intent, "landed record")
+        self.row.add(UploaderField.UPLOADED_PAYLOADS, intent.count)
+        self.row.add(UploaderField.UPLOADED_OBJECTS)
+        self.row[UploaderField.LAST_OK_MS] = now_ms()
+        log.debug("%s: wrote %s (%d payloads, %d bytes)", self.name, intent.key, intent.count, len(data))
+        return True
+
+    def put_object(self, key: str, data: bytes, encoding: str | None, count: int) -> None:
+        """Put with exponential backoff and full jitter on retryable errors, until the deadline."""
+        attempt = 0
+        while True:
+            try:
+                self.sink.put(key, data, encoding)
+                return
+            except RetryableSinkError as e:
+                self.row.add(UploaderField.FAILED_UPLOADS)
+                self.row[UploaderField.LAST_FAIL_MS] = now_ms()
+                attempt += 1
+                delay = self._backoff(attempt)
+                log.warning("%s: upload of %s failed (attempt %d, %d payloads), retrying in %.2fs: %s",
+                            self.name, key, attempt, count, delay, e)
+                self._wait(delay)
+            except PermanentSinkError:
+                self.row.add(UploaderField.FAILED_UPLOADS)
+                self.row[UploaderField.LAST_FAIL_MS] = now_ms()
+                raise
+
+    def _dead_letter(self, intent: Intent, journal: Journal, body: bytes, reason: str) -> None:
+        def write() -> None:
+            used = self.spool.used_bytes()
+            if used + len(body) > self.spool.config.max_bytes:
+                raise OSError(28, f"spool.max_bytes reached ({used} of {self.spool.config.max_bytes} bytes used)")
+            path = self.spool.write_dead_letter(intent.key, intent.encoding, intent.level, intent.count, body,
+                                                f"{intent.key}: {reason}")
+            log.error("%s: sink refused %s for good (%s); %d payloads dead-lettered to %s", self.name, intent.key,
+                      reason, intent.count, path)
+
+        self._retry(write, intent, "dead letter", blocked=True)
+        self._retry(lambda: journal.close_intent(intent.id, dead=True), intent, "journal")
+        self._retry(lambda: append_landed(self.spool.logs_dir, list(intent.parts)), intent, "landed record")
+        self.row.add(UploaderField.DEAD_LETTERED_PAYLOADS, intent.count)
+
+    def _quarantine(self, intent: Intent, journal: Journal, why: str) -> None:
+        self.spool.quarantine(Path(intent.key), intent.to_json(), f"cannot rebuild the object: {why}")
+        self.row.add(UploaderField.DAMAGED_RECORDS)
+        self._retry(lambda: journal.close_intent(intent.id, dead=True), intent, "journal")
+        self._retry(lambda: append_landed(self.spool.logs_dir, list(intent.parts)), intent, "landed record")
+
+    def _retry(self, action: Callable[[], object], intent: Intent, what: str, blocked: bool = False) -> None:
+        """Run a local write until it succeeds (disk full heals; the deadline ends the wait)."""
+        attempt = 0
+        while True:
+            try:
+                action()
+                if blocked:
+                    self.row[UploaderField.DEAD_LETTER_BLOCKED] = 0
+                return
+            except OSError as e:
+                attempt += 1
+                if blocked:
+                    self.row[UploaderField.DEAD_LETTER_BLOCKED] = 1
+                delay = self._backoff(attempt)
+                log.error("%s: cannot write the %s of %s (%s); retrying in %.2fs", self.name, what, intent.key, e, delay)
+                self._wait(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        cap = min(self.retry_max_ms, self.retry_base_ms * 2 ** min(attempt - 1, 30)) / 1000.0
+        return random.uniform(0, cap)
+
+    def _wait(self, delay: float) -> None:
+        """Sleep between retries, heartbeating; give up at the deadline."""
+        end = time.monotonic() + delay
+        while True:
+            self.alive()
+            deadline = self.deadline_ms()
+            if deadline and now_ms() >= deadline:
+                raise DeadlineReached()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self.sleep(min(left, 0.1))
