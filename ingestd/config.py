@@ -102,7 +102,7 @@ class WorkersConfig:
     heartbeat_timeout_s: float = _opt(60.0, "a child process (uploader, listener) silent this long is killed and replaced",
                                       _positive)
     restart_backoff_max_s: float = _opt(30.0, "longest wait between restarts of a crashing child process", _positive)
-    boot_failures_fatal: int = _opt(5, "consecutive boot failures of an uploader that stop the daemon", _positive)
+    boot_failures_fatal: int = _opt(5, "consecutive boot failures of a child process that stop the daemon", _positive)
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ class SpoolConfig:
 
 @dataclass(frozen=True)
 class ShutdownConfig:
-    drain_timeout_s: float = _opt(30.0, "on SIGTERM, time to flush before the rest is spilled to the spool", _non_negative)
+    drain_timeout_s: float = _opt(30.0, "on SIGTERM, time to deliver what is logged; the rest stays in the spool for the next start", _non_negative)
 
 
 @dataclass(frozen=True)

@@ -81,8 +81,9 @@ class Delivery:
                 return True
             if body is None:
                 # a segment of it is gone: segments are deleted only once every part landed,
-                # so this object landed before the crash that left its intent open
-                self._retry(lambda: journal.close_intent(intent.id), intent, "journal")
+                # so this object landed before the crash that left its intent open; what of it
+                # was not yet recorded as landed (in the segments still there) is recorded now
+                self._close(intent, journal)
                 return True
             self.row.add(UploaderField.RESENT_OBJECTS)
             log.info("%s: sending %s again (%d payloads, left open by an earlier process)", self.name, intent.key,
@@ -93,8 +94,7 @@ class Delivery:
         except PermanentSinkError as e:
             self._dead_letter(intent, journal, body, str(e))
             return True
-        self._retry(lambda: journal.close_intent(intent.id), intent, "journal")
-        self._retry(lambda: append_landed(self.spool.logs_dir, list(intent.parts)), intent, "landed record")
+        self._close(intent, journal)
         self.row.add(UploaderField.UPLOADED_PAYLOADS, intent.count)
         self.row.add(UploaderField.UPLOADED_OBJECTS)
         self.row[UploaderField.LAST_OK_MS] = now_ms()
@@ -132,15 +132,21 @@ class Delivery:
                       reason, intent.count, path)
 
         self._retry(write, intent, "dead letter", blocked=True)
-        self._retry(lambda: journal.close_intent(intent.id, dead=True), intent, "journal")
-        self._retry(lambda: append_landed(self.spool.logs_dir, list(intent.parts)), intent, "landed record")
+        self._close(intent, journal, dead=True)
         self.row.add(UploaderField.DEAD_LETTERED_PAYLOADS, intent.count)
 
     def _quarantine(self, intent: Intent, journal: Journal, why: str) -> None:
         self.spool.quarantine(Path(intent.key), intent.to_json(), f"cannot rebuild the object: {why}")
         self.row.add(UploaderField.DAMAGED_RECORDS)
-        self._retry(lambda: journal.close_intent(intent.id, dead=True), intent, "journal")
+        self._close(intent, journal, dead=True)
+
+    def _close(self, intent: Intent, journal: Journal, dead: bool = False) -> None:
+        """Record the parts as landed beside their segments, THEN close the intent. In this order
+        a crash in between leaves an open intent, which is sent again to its own key (or, its
+        segments gone, closed without a PUT): never parts that landed and that nothing records,
+        which a re-index would put back on the queue."""
         self._retry(lambda: append_landed(self.spool.logs_dir, list(intent.parts)), intent, "landed record")
+        self._retry(lambda: journal.close_intent(intent.id, dead=dead), intent, "journal")
 
     def _retry(self, action: Callable[[], object], intent: Intent, what: str, blocked: bool = False) -> None:
         """Run a local write until it succeeds (disk full heals; the deadline ends the wait)."""

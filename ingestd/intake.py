@@ -19,6 +19,7 @@ import threading
 import time
 from collections import Counter
 
+from .records import RECORD_OVERHEAD
 from .refqueue import Ref, RefQueue, epoch_tag
 from .requestlog import Pos, RequestLog
 from .scoreboard import Control, ListenerField, Phase, Row, Scoreboard
@@ -65,7 +66,7 @@ class Intake:
                 self.row.add(ListenerField.OVERLOAD_REJECTIONS)
                 return Admission.SPOOL
             if (self.queue.depth() >= self.max_items
-                    or self.log.total_bytes + self.others_bytes + len(lines) > self.max_bytes):
+                    or self.log.total_bytes + self.others_bytes + RECORD_OVERHEAD + len(lines) > self.max_bytes):
                 self.row.add(ListenerField.OVERLOAD_REJECTIONS)
                 return Admission.FULL
             epoch = board.control[Control.EPOCH]

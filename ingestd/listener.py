@@ -262,7 +262,8 @@ def run_listener(index: int, config: Config, queue: RefQueue, board: Scoreboard,
     app = create_app(config, intake, health, bearer_tokens(config.auth))
     server = create_server(app, config, sock)
     keeper = Keeper(index, config, intake, board, spool, queue)
-    keeper.step()  # publishes the log's size and the spool's state before the first request
+    row[ListenerField.LOG_BYTES] = request_log.total_bytes
+    keeper.check_spool()  # the spool's state before the first request; the re-index follows in the loop
     threading.Thread(target=server.run, name="waitress", daemon=True).start()
     row[ListenerField.SERVING_PID] = os.getpid()
     log.info("listener %d: serving (pid %d, %d payloads of earlier processes adopted)", index, os.getpid(), adopted)

@@ -82,6 +82,7 @@ MAGIC = 0x4947  # b"GI" on disk
 HEADER = struct.Struct("<HBBII")
 _MAGIC_BYTES = struct.pack("<H", MAGIC)
 _REQUEST = struct.Struct("<dI")  # received_at, payload count; the lines follow
+RECORD_OVERHEAD = HEADER.size + _REQUEST.size  # what a request's record adds to its lines
 
 
 def frame(kind: Kind, body: bytes) -> bytes:

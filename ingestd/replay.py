@@ -122,7 +122,8 @@ def replay_dead_letters(spool: Spool, delivery: Delivery) -> tuple[int, int]:
     for path in spool.dead_letters():
         found = spool.read_dead_letter(path)
         if found is None:
-            log.error("%s: damaged dead letter, left in place", path)
+            spool.quarantine(path, path.read_bytes(), "damaged dead letter: its checksums fail")
+            path.unlink(missing_ok=True)
             failed += 1
             continue
         meta, body = found

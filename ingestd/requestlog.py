@@ -404,8 +404,12 @@ class RequestLog:
         for key, seg in closed:
             seg.refresh_landed()
             if seg.complete:
-                seg.path.unlink(missing_ok=True)
-                landed_path(seg.path).unlink(missing_ok=True)
+                try:
+                    seg.path.unlink(missing_ok=True)
+                    landed_path(seg.path).unlink(missing_ok=True)
+                except OSError as e:  # a read-only remount, an I/O error: try again next time
+                    log.warning("%s: cannot delete this landed segment yet: %s", seg.path, e)
+                    continue
                 with lock:
                     del self.segments[key]
                     self.total_bytes -= seg.size

@@ -133,7 +133,8 @@ class Drain:
                         log.error("%s still running after the drain deadline: killing it (its intents are journaled)",
                                   c.name)
                         c.process.kill()
-            if all(c.process is None for c in uploaders) or now >= self.deadline + 2 * STRAGGLER_GRACE_S:
+            done = all(c.state in (ChildState.EXITED, ChildState.FATAL) for c in uploaders)
+            if done or now >= self.deadline + 2 * STRAGGLER_GRACE_S:
                 self.exit_at = now
                 sup.board.control[Control.PHASE] = Phase.EXIT
                 for c in sup.children:
@@ -262,16 +263,18 @@ class Supervisor:
 
     def restart_due(self) -> None:
         now = self.clock()
+        drain = self.drain
         for child in self.children:
-            if child.state is ChildState.BACKOFF and now >= child.restart_at:
-                drain = self.drain
-                if drain is not None and (drain.exit_at is not None or
-                                          (child.role is Role.UPLOADER and now >= drain.deadline)):
-                    child.transition(ChildState.EXITED)  # too late: the next start recovers its files
-                    continue
+            if child.state is not ChildState.BACKOFF:
+                continue
+            if drain is not None and (drain.exit_at is not None or
+                                      (child.role is Role.UPLOADER and now >= drain.deadline)):
+                child.transition(ChildState.EXITED)  # too late: the next start recovers its files
+                continue
+            if now >= child.restart_at:
                 child.restarts += 1
                 self.spawn(child)
-                if self.drain is not None and child.role is Role.UPLOADER:
+                if drain is not None and child.role is Role.UPLOADER:
                     child.transition(ChildState.STOPPING)  # it finishes its predecessor's work, then leaves
 
     def check_children(self) -> None:
@@ -283,6 +286,9 @@ class Supervisor:
                 continue
             if child.state is ChildState.STARTING and self.booted(child):
                 child.transition(ChildState.RUNNING)
+            if child.state is ChildState.STARTING and self.clock() - child.started_at > limit_ms / 1000:
+                log.error("%s (pid %d) has not booted in %.0fs: killing it", child.name, child.pid, limit_ms / 1000)
+                child.process.kill()
             if child.state is ChildState.RUNNING:
                 silent = now - self.board.row(child.role, child.index)[0]  # HEARTBEAT_MS
                 if silent > limit_ms:
@@ -400,6 +406,9 @@ class Supervisor:
         self.publish()
         self.finish()
         self.notifier.status("stopped")
+        signal.set_wakeup_fd(-1)
+        self._wake_r.close()
+        self._wake_w.close()
         return self.exit_code
 
     def wait_for_events(self) -> None:

@@ -90,8 +90,9 @@ class Sender(threading.Thread):
 
     @property
     def pending_payloads(self) -> int:
+        """Payloads of the objects waiting and of the one being sent (it stays first in line)."""
         with self._cond:
-            return self._busy + sum(i.count for i, _, _ in self._work)
+            return sum(i.count for i, _, _ in self._work)
 
     def run(self) -> None:
         while True:
@@ -163,8 +164,12 @@ class Uploader:
 
     def add(self, ref: Ref) -> None:
         if ref.epoch != epoch_tag(self.epoch):
-            self._stale += 1
-            return
+            # a reference of an epoch this uploader has not seen yet (a listener saw the bump
+            # first) is valid: follow, then take it; one of an older epoch is stale (re-indexed)
+            self.follow_epoch()
+            if ref.epoch != epoch_tag(self.epoch):
+                self._stale += 1
+                return
         part = Part(ref.listener, ref.segment, ref.offset, ref.first_line, ref.count)
         try:
             got = read_record(self._fd(ref), ref)

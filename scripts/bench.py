@@ -488,11 +488,21 @@ class Ingestd(Server):
 # ------------------------------------------------------------------------------------------------
 # load generation
 # ------------------------------------------------------------------------------------------------
-def make_body(n: int, path: Path) -> dict[str, Any]:
+def make_body(n: int, path: Path, payload_bytes: int = 0) -> dict[str, Any]:
+    """`n` telemetry events; with `payload_bytes`, each is grown to about that size with the
+    kind of fields real events carry (a user agent, a URL, a message), not one padding string."""
     payloads = []
     for i in range(n):
-        payloads.append({"device_id": f"d-{i:05d}", "event": "click", "ts": 1764300000123 + i, "seq": i,
-                         "os": "linux", "tags": ["a", "b"], "metrics": {"ms": 12.5}})
+        p: dict[str, Any] = {"device_id": f"d-{i:05d}", "event": "click", "ts": 1764300000123 + i, "seq": i,
+                             "os": "linux", "tags": ["a", "b"], "metrics": {"ms": 12.5}}
+        if payload_bytes:
+            p["user_agent"] = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0"
+            p["url"] = f"https://app.example.com/projects/{i % 97}/dashboards/{i % 13}?tab=metrics&range=24h"
+            p["attrs"] = {f"k{j}": f"value-{(i * 31 + j) % 1000:03d}" for j in range(8)}
+            room = payload_bytes - len(json.dumps(p, separators=(",", ":"))) - len(',"message":""')
+            words = "request handled by edge node with cache status hit and upstream latency within budget "
+            p["message"] = (words * (room // len(words) + 1))[: max(0, room)]
+        payloads.append(p)
     body = json.dumps({"version": "1", "token": "t", "data": payloads}, separators=(",", ":")).encode()
     path.write_bytes(body)
     sizes = [len(json.dumps(p, separators=(",", ":"))) for p in payloads]
@@ -593,7 +603,7 @@ class Bench:
         self.doc["bodies"] = {}
         for n in (1, 10):
             path = self.workdir / f"body-{n}.json"
-            self.doc["bodies"][str(n)] = make_body(n, path)
+            self.doc["bodies"][str(n)] = make_body(n, path, self.args.payload_bytes)
             self.bodies[n] = path
         # Go peer
         self.goref: Path | None = None
@@ -1317,6 +1327,8 @@ def summarize_pyspy(raw: str) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench", description="ingestd vs the Go seed design, one run, side by side")
     p.add_argument("--quick", action="store_true", help="about one minute: shorter warm-up, runs and phases")
+    p.add_argument("--payload-bytes", type=int, default=0,
+                   help="grow each event to about this many bytes (e.g. 1024: realistic telemetry); 0: ~130 B")
     p.add_argument("--duration", type=int, help="seconds of each measured run (default 10, quick 4)")
     p.add_argument("--warmup", type=int, help="seconds of warm-up before each run (default 2, quick 1)")
     p.add_argument("--drain-cap", type=float, help="longest wait for the backlog after a run (default 5, quick 3)")

@@ -141,7 +141,7 @@ def test_never_answering_tcp_sink_buffers_then_refuses_then_delivers_after_resta
 
     drained = sigterm(d, 20)
     print(f"\ntcp-never-answers: drain took {drained:.1f}s (drain_timeout_s=1)")
-    assert drained < 1 + 6, f"drain took {drained:.1f}s with drain_timeout_s=1"
+    assert drained < 1 + 2, f"drain took {drained:.1f}s with drain_timeout_s=1 (the SPEC: at most + 2 s)"
     held = [line["payload"]["id"] for line in spool_lines(d.workdir)]
     assert sorted(held) == sorted(ledger.acked), "what the drain spilled is not what was acknowledged"
 
@@ -292,7 +292,7 @@ def test_drain_with_failing_sink_spills_then_delivers(daemon_factory, fault_prox
 
     drained = sigterm(d, drain_timeout + 20)
     print(f"\ndrain with a failing sink took {drained:.1f}s (drain_timeout_s={drain_timeout})")
-    assert drained < drain_timeout + 4, f"drain took {drained:.1f}s with drain_timeout_s={drain_timeout}"
+    assert drained < drain_timeout + 2, f"drain took {drained:.1f}s with drain_timeout_s={drain_timeout}"
     spool = d.workdir / "spool"
     held = [line["payload"]["id"] for line in spool_lines(d.workdir)]
     assert sorted(held) == sorted(ledger.acked), "the spool does not hold exactly what was acknowledged"

@@ -1,4 +1,5 @@
-"""app.create_app through falcon's TestClient, over real in-process board, queue, intake and health."""
+"""app.create_app through falcon's TestClient, over a real in-process scoreboard, queue, request
+log, intake and health: what a listener process serves, without the process."""
 
 from __future__ import annotations
 
@@ -8,19 +9,23 @@ import multiprocessing
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import orjson
 import pytest
 from falcon import testing
 
-from ingestd.app import create_app
-from ingestd.board import Board, GlobalField, SlotField
-from ingestd.config import Config, HttpConfig, QueueConfig
-from ingestd.health import Health, WorkerView
-from ingestd.jobqueue import Intake, JobQueue
-from ingestd.records import Item
+from ingestd.app import WSGIApp, create_app
+from ingestd.config import Config, HttpConfig, QueueConfig, WorkersConfig
+from ingestd.health import Health
+from ingestd.intake import Intake
+from ingestd.records import encode_lines, request_record
+from ingestd.refqueue import Ref, RefQueue
+from ingestd.requestlog import Part, RequestLog, read_record, segment_path
+from ingestd.scoreboard import ChildField, Control, ListenerField, Phase, Role, Scoreboard, UploaderField, now_ms
+from ingestd.states import ChildState
 
 NOW = 1764299045.125  # 2025-11-28T03:04:05.125Z
 NOW_TEXT = "2025-11-28T03:04:05.125Z"
@@ -29,16 +34,37 @@ MAX_DECODED = 16384
 MAX_PAYLOADS = 20
 RETRY_AFTER = 7
 INGEST = "/v1/payloads"
+LISTENERS = 2  # the intake under test is listener 0; listener 1 exists only on the scoreboard
+UPLOADERS = 2
+
+
+class Stored(NamedTuple):
+    """A request as an uploader finds it: its reference, and the record read back from the log."""
+
+    ref: Ref
+    received_at: float
+    lines: bytes
+
+
+class Kept(NamedTuple):
+    """Everything an answer could have kept: the queue, the log's bytes, its undelivered parts."""
+
+    depth: int
+    log_bytes: int
+    files: dict[str, bytes]
+    parts: list[Part]
 
 
 @dataclass
 class Daemon:
+    app: WSGIApp
     client: testing.TestClient
-    queue: JobQueue
+    config: Config
+    queue: RefQueue
+    log: RequestLog
     intake: Intake
-    board: Board
+    board: Scoreboard
     health: Health
-    workers: list[WorkerView] = field(default_factory=list)
 
     def post(self, body: Any = None, *, raw: bytes | None = None, content_type: str | None = "application/json",
              headers: dict[str, str] | None = None, path: str = INGEST) -> testing.Result:
@@ -48,40 +74,68 @@ class Daemon:
             h["Content-Type"] = content_type
         return self.client.simulate_post(path, body=data, headers=h)
 
-    def taken(self) -> Item:
-        item: Item = self.queue.get(timeout=5)
-        return item
+    def taken(self) -> Stored:
+        refs = self.queue.take(1, 1.0)
+        assert refs, "nothing on the queue"
+        [ref] = refs
+        fd = os.open(segment_path(self.log.logs_dir, ref.listener, ref.segment), os.O_RDONLY)
+        try:
+            got = read_record(fd, ref)
+        finally:
+            os.close(fd)
+        assert got is not None, f"the record of {ref} fails its checksum"
+        return Stored(ref, got[0], got[1])
+
+    def kept(self) -> Kept:
+        files = {p.name: p.read_bytes() for p in sorted(self.log.dir.glob("*.log"))} if self.log.dir.exists() else {}
+        return Kept(self.queue.depth(), self.log.total_bytes, files, self.log.uncovered({}, None, self.intake.lock))
 
     def snapshot(self) -> dict[str, Any]:
         return self.client.simulate_get("/health").json  # type: ignore[no-any-return]
 
+    def counters(self) -> dict[str, int]:
+        return self.snapshot()["counters"]  # type: ignore[no-any-return]
+
 
 @pytest.fixture
-def make_daemon() -> Iterator[Callable[..., Daemon]]:
+def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     ctx = multiprocessing.get_context("spawn")
-    queues: list[JobQueue] = []
+    opened: list[tuple[RefQueue, RequestLog]] = []
 
-    def make(max_items: int = 10, tokens: tuple[str, ...] = (), queue_max_bytes: int = 1 << 20) -> Daemon:
+    def make(max_items: int = 10, tokens: tuple[str, ...] = (), queue_max_bytes: int = 1 << 20,
+             intake_max_items: int | None = None) -> Daemon:
         config = Config(
             http=HttpConfig(max_body_bytes=MAX_BODY, max_decoded_bytes=MAX_DECODED, max_payloads=MAX_PAYLOADS,
-                            retry_after_s=RETRY_AFTER),
+                            retry_after_s=RETRY_AFTER, listeners=LISTENERS),
             queue=QueueConfig(max_items=max_items, max_bytes=queue_max_bytes),
+            workers=WorkersConfig(count=UPLOADERS),
         )
-        board = Board(ctx, 2)
-        queue = JobQueue(max_items, ctx=ctx)
-        queues.append(queue)
-        intake = Intake(queue, board, queue_max_bytes)
-        workers = [WorkerView(0, os.getpid(), True, 0, "running"), WorkerView(1, os.getpid(), True, 0, "running")]
-        health = Health(board, intake, max_items, queue_max_bytes, workers=lambda: list(workers))
-        app = create_app(config, intake, health, tokens=tokens, clock=lambda: NOW)
-        return Daemon(testing.TestClient(app), queue, intake, board, health, workers)
+        board = Scoreboard(ctx, LISTENERS, UPLOADERS)
+        board.control[Control.STARTED_MS] = now_ms()
+        board.control[Control.EPOCH] = 1
+        pid = os.getpid()
+        for i in range(UPLOADERS):  # as the supervisor and a booted uploader publish it
+            board.child(Role.UPLOADER, i)[ChildField.PID] = pid
+            board.child(Role.UPLOADER, i)[ChildField.STATE] = list(ChildState).index(ChildState.RUNNING)
+            board.uploader(i)[UploaderField.BOOTED_PID] = pid
+        for i in range(LISTENERS):
+            board.child(Role.LISTENER, i)[ChildField.PID] = pid
+            board.child(Role.LISTENER, i)[ChildField.STATE] = list(ChildState).index(ChildState.RUNNING)
+            board.listener(i)[ListenerField.SERVING_PID] = pid
+        queue = RefQueue(max_items, ctx=ctx)
+        log = RequestLog(tmp_path / f"logs-{len(opened)}", 0, "none", 1 << 20)
+        opened.append((queue, log))
+        intake = Intake(0, log, queue, board, intake_max_items or max_items, queue_max_bytes, always_sync=False)
+        health = Health(board, queue, config, intake, supervisor_pid=pid)
+        app = create_app(config, intake, health, tokens, clock=lambda: NOW)
+        return Daemon(app, testing.TestClient(app), config, queue, log, intake, board, health)
 
     try:
         yield make
     finally:
-        for q in queues:
-            q.cancel_join_thread()
-            q.close()
+        for queue, log in opened:
+            queue.close()
+            log.close()
 
 
 @pytest.fixture
@@ -89,9 +143,18 @@ def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
     return make_daemon()
 
 
-def lines(item: Item) -> list[dict[str, Any]]:
-    assert item.lines.endswith(b"\n")
-    return [orjson.loads(ln) for ln in item.lines.split(b"\n")[:-1]]
+def envelope(payload: bytes, version: bytes = b"null") -> bytes:
+    return b'{"received_at":"' + NOW_TEXT.encode() + b'","version":' + version + b',"payload":' + payload + b"}\n"
+
+
+def payloads(stored: Stored) -> list[Any]:
+    assert stored.lines.endswith(b"\n")
+    return [orjson.loads(ln)["payload"] for ln in stored.lines.split(b"\n")[:-1]]
+
+
+def record_size(payload: dict[str, Any]) -> int:
+    """Bytes a one-payload request without version takes in the request log."""
+    return len(request_record(NOW, 1, encode_lines(NOW, None, [payload])))
 
 
 def assert_error(result: testing.Result, status: int) -> dict[str, Any]:
@@ -104,42 +167,52 @@ def assert_error(result: testing.Result, status: int) -> dict[str, Any]:
     return body  # type: ignore[no-any-return]
 
 
+def assert_503(result: testing.Result) -> dict[str, Any]:
+    body = assert_error(result, 503)
+    assert result.headers["retry-after"] == str(RETRY_AFTER)
+    return body
+
+
 def metric(text: str, name: str) -> float:
-    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    m = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     assert m, f"{name} not in /metrics"
     return float(m.group(1))
+
+
+def fill_the_pipe(queue: RefQueue) -> int:
+    """Write references until the queue's pipe refuses more; returns how many went in."""
+    filler = Ref(1, 1, 999, 0, 24, 0, 1)
+    written = queue.put_many([filler] * (queue.pipe_bytes // 24 + 1000))
+    assert not queue.try_put(filler)
+    return written
 
 
 # -- 202 -----------------------------------------------------------------------------------------
 
 
-def test_accepted_request_is_queued_with_its_lines(daemon: Daemon) -> None:
-    data = [{"a": 1}, {"b": {"c": [1, 2]}}, {"s": "é"}]
-    r = daemon.post({"version": "3.1", "token": "t", "data": data})
+def test_accepted_request_is_logged_and_queued_with_its_exact_envelope_lines(daemon: Daemon) -> None:
+    r = daemon.post(raw='{"version": "3.1", "token": "t", "data": [{"a":1}, {"b": {"c": [1, 2]}}, {"s": "é"}]}'.encode())
     assert r.status_code == 202
     assert r.json == {"accepted": 3}
-    item = daemon.taken()
-    assert (item.seq, item.received_at, item.count) == (1, NOW, 3)
-    assert lines(item) == [{"received_at": NOW_TEXT, "version": "3.1", "payload": p} for p in data]
+    stored = daemon.taken()
+    assert (stored.ref.listener, stored.ref.epoch, stored.ref.first_line, stored.ref.count) == (0, 1, 0, 3)
+    assert stored.received_at == NOW
+    assert stored.lines == (envelope(b'{"a":1}', b'"3.1"') + envelope(b'{"b":{"c":[1,2]}}', b'"3.1"')
+                            + envelope('{"s":"é"}'.encode(), b'"3.1"'))
 
 
-def test_ndjson_gzip_request(daemon: Daemon) -> None:
+def test_ndjson_gzip_request_is_stored_one_line_per_payload(daemon: Daemon) -> None:
     body = gzip.compress(b'{"a":1}\n\n{"b":2}\n')
     r = daemon.post(raw=body, content_type="application/x-ndjson", headers={"Content-Encoding": "gzip"})
     assert r.status_code == 202 and r.json == {"accepted": 2}
-    assert lines(daemon.taken()) == [{"received_at": NOW_TEXT, "version": None, "payload": {"a": 1}},
-                                     {"received_at": NOW_TEXT, "version": None, "payload": {"b": 2}}]
+    assert daemon.taken().lines == envelope(b'{"a":1}') + envelope(b'{"b":2}')
 
 
 def test_trailing_slash_is_the_same_path(daemon: Daemon) -> None:
-    assert daemon.post({"data": [{}]}, path=INGEST + "/").status_code == 202
-
-
-def test_body_at_the_raw_limit_is_accepted(daemon: Daemon) -> None:
-    base = len(orjson.dumps({"data": [{"p": ""}]}))
-    r = daemon.post({"data": [{"p": "x" * (MAX_BODY - base)}]})
-    assert r.status_code == 202
-    assert lines(daemon.taken())[0]["payload"]["p"] == "x" * (MAX_BODY - base)
+    assert daemon.post({"data": [{"n": 1}]}, path=INGEST + "/").status_code == 202
+    assert payloads(daemon.taken()) == [{"n": 1}]
+    assert_error(daemon.post(raw=b"{bad", path=INGEST + "/"), 400)
+    assert daemon.counters()["rejected_requests"] == 1
 
 
 def test_big_integers_are_kept_exactly(daemon: Daemon) -> None:
@@ -151,18 +224,27 @@ def test_big_integers_are_kept_exactly(daemon: Daemon) -> None:
                                            "s": "\u00e9"}
 
 
-def test_bad_request_between_two_good_ones(daemon: Daemon) -> None:
+def test_bad_request_between_two_good_ones_keeps_only_the_good_ones_in_order(daemon: Daemon) -> None:
     assert daemon.post({"version": "a", "data": [{"n": 1}]}).status_code == 202
     assert_error(daemon.post(raw=b'{"data": [{"n": 2}, 3]}'), 400)
     assert daemon.post({"version": "c", "data": [{"n": 3}, {"n": 4}]}).status_code == 202
     first, second = daemon.taken(), daemon.taken()
-    assert (first.seq, second.seq) == (1, 2)
-    assert [d["payload"] for d in lines(first)] == [{"n": 1}]
-    assert [(d["version"], d["payload"]) for d in lines(second)] == [("c", {"n": 3}), ("c", {"n": 4})]
-    counters = daemon.snapshot()["counters"]
-    assert counters["accepted_payloads"] == 3
-    assert counters["accepted_requests"] == 2
-    assert counters["rejected_requests"] == 1
+    assert first.ref.segment == second.ref.segment
+    assert second.ref.offset == first.ref.offset + first.ref.length  # nothing of the bad one in between
+    assert payloads(first) == [{"n": 1}]
+    assert [(d["version"], d["payload"]) for d in map(orjson.loads, second.lines.splitlines())] == [
+        ("c", {"n": 3}), ("c", {"n": 4})]
+    counters = daemon.counters()
+    assert (counters["accepted_payloads"], counters["accepted_requests"], counters["rejected_requests"]) == (3, 2, 1)
+
+
+def test_a_request_after_an_epoch_bump_carries_the_new_epoch(daemon: Daemon) -> None:
+    assert daemon.post({"data": [{"n": 1}]}).status_code == 202
+    daemon.board.control[Control.EPOCH] = 2
+    assert daemon.post({"data": [{"n": 2}]}).status_code == 202
+    first, second = daemon.taken(), daemon.taken()
+    assert (first.ref.epoch, second.ref.epoch) == (1, 2)
+    assert daemon.intake.cut == (second.ref.segment, second.ref.offset)  # where the new epoch begins
 
 
 # -- 4xx -----------------------------------------------------------------------------------------
@@ -176,75 +258,122 @@ def test_bad_request_between_two_good_ones(daemon: Daemon) -> None:
         (b'{"data": []}', "empty"),
         (b'{"data": {}}', "data"),
         (b'{"version": 1, "data": [{}]}', "version"),
+        (b'{"token": 1, "data": [{}]}', "token"),
         (b'{"data": [{}, "x"]}', "data[1]"),
         (b"", "empty"),
     ],
 )
-def test_400s(daemon: Daemon, raw: bytes, words: str) -> None:
+def test_malformed_or_misshapen_bodies_are_400_and_keep_nothing(daemon: Daemon, raw: bytes, words: str) -> None:
+    before = daemon.kept()
     body = assert_error(daemon.post(raw=raw), 400)
     assert words in body["description"]
-    assert daemon.intake.depth() == 0
+    assert daemon.kept() == before
 
 
-def test_too_many_payloads_is_400(daemon: Daemon) -> None:
+def test_payload_count_exactly_at_the_limit_is_accepted_and_one_over_is_400(daemon: Daemon) -> None:
     assert daemon.post({"data": [{}] * MAX_PAYLOADS}).status_code == 202
+    before = daemon.kept()
     body = assert_error(daemon.post({"data": [{}] * (MAX_PAYLOADS + 1)}), 400)
     assert "too many" in body["description"]
+    assert daemon.kept() == before
 
 
-def test_gzip_label_on_plain_body_is_400(daemon: Daemon) -> None:
+def test_ndjson_with_one_payload_over_the_limit_is_400(daemon: Daemon) -> None:
+    raw = b"{}\n" * (MAX_PAYLOADS + 1)
+    body = assert_error(daemon.post(raw=raw, content_type="application/x-ndjson"), 400)
+    assert "too many" in body["description"]
+    assert daemon.queue.depth() == 0
+
+
+def test_gzip_label_on_a_plain_body_is_400(daemon: Daemon) -> None:
     assert_error(daemon.post({"data": [{}]}, headers={"Content-Encoding": "gzip"}), 400)
+    assert daemon.queue.depth() == 0
 
 
-def test_raw_body_over_the_limit_is_413(daemon: Daemon) -> None:
+def test_content_length_that_is_not_a_number_is_400(daemon: Daemon) -> None:
+    # falcon's TestClient validates the environ itself, so this one goes to the WSGI app by hand
+    environ = testing.create_environ(INGEST, method="POST", body=b'{"data": [{}]}',
+                                     headers={"Content-Type": "application/json"})
+    environ["CONTENT_LENGTH"] = "12x"
+    answers: list[tuple[str, list[tuple[str, str]]]] = []
+    body = b"".join(daemon.app(environ, lambda status, headers: answers.append((status, headers))))
+    [(status, headers)] = answers
+    assert status.startswith("400 ") and ("Content-Type", "application/json") in headers
+    assert set(orjson.loads(body)) == {"title", "description"}
+    assert daemon.kept() == Kept(0, 0, {}, [])
+    assert daemon.counters()["rejected_requests"] == 1
+
+
+def test_body_exactly_at_the_raw_limit_is_accepted(daemon: Daemon) -> None:
+    base = len(orjson.dumps({"data": [{"p": ""}]}))
+    r = daemon.post({"data": [{"p": "x" * (MAX_BODY - base)}]})
+    assert r.status_code == 202
+    assert payloads(daemon.taken())[0]["p"] == "x" * (MAX_BODY - base)
+
+
+def test_body_one_byte_over_the_raw_limit_is_413(daemon: Daemon) -> None:
     base = len(orjson.dumps({"data": [{"p": ""}]}))
     body = assert_error(daemon.post({"data": [{"p": "x" * (MAX_BODY + 1 - base)}]}), 413)
     assert str(MAX_BODY) in body["description"]
-    assert daemon.intake.depth() == 0
+    assert daemon.kept() == Kept(0, 0, {}, [])
 
 
 def test_content_length_over_the_limit_is_413_before_reading(daemon: Daemon) -> None:
     r = daemon.post({"data": [{}]}, headers={"Content-Length": str(10**9)})
     body = assert_error(r, 413)
     assert str(10**9) in body["description"]
-    assert daemon.snapshot()["counters"]["rejected_requests"] == 1
+    assert daemon.counters()["rejected_requests"] == 1
 
 
-def test_decoded_body_over_the_limit_is_413(daemon: Daemon) -> None:
-    raw = gzip.compress(orjson.dumps({"data": [{"p": " " * MAX_DECODED}]}))
+def test_decoded_body_exactly_at_the_limit_is_accepted(daemon: Daemon) -> None:
+    base = len(orjson.dumps({"data": [{"p": ""}]}))
+    raw = gzip.compress(orjson.dumps({"data": [{"p": "y" * (MAX_DECODED - base)}]}))
     assert len(raw) < MAX_BODY
-    assert_error(daemon.post(raw=raw, headers={"Content-Encoding": "gzip"}), 413)
+    assert daemon.post(raw=raw, headers={"Content-Encoding": "gzip"}).status_code == 202
+    assert len(payloads(daemon.taken())[0]["p"]) == MAX_DECODED - base
+
+
+def test_decoded_body_one_byte_over_the_limit_is_413(daemon: Daemon) -> None:
+    base = len(orjson.dumps({"data": [{"p": ""}]}))
+    raw = gzip.compress(orjson.dumps({"data": [{"p": "y" * (MAX_DECODED + 1 - base)}]}))
+    assert len(raw) < MAX_BODY
+    body = assert_error(daemon.post(raw=raw, headers={"Content-Encoding": "gzip"}), 413)
+    assert str(MAX_DECODED) in body["description"]
+    assert daemon.kept() == Kept(0, 0, {}, [])
 
 
 @pytest.mark.parametrize(
     "content_type, encoding",
     [(None, None), ("text/plain", None), ("application/json; charset=latin-1", None), ("application/json", "br")],
 )
-def test_415s(daemon: Daemon, content_type: str | None, encoding: str | None) -> None:
+def test_unsupported_content_type_or_encoding_is_415(daemon: Daemon, content_type: str | None,
+                                                      encoding: str | None) -> None:
     headers = {"Content-Encoding": encoding} if encoding else {}
     assert_error(daemon.post({"data": [{}]}, content_type=content_type, headers=headers), 415)
+    assert daemon.kept() == Kept(0, 0, {}, [])
 
 
 def test_charset_utf8_is_accepted(daemon: Daemon) -> None:
     assert daemon.post({"data": [{}]}, content_type="application/json; charset=utf-8").status_code == 202
 
 
-def test_404_is_json(daemon: Daemon) -> None:
+def test_unknown_path_is_a_json_404(daemon: Daemon) -> None:
     body = assert_error(daemon.client.simulate_get("/nope"), 404)
     assert "/nope" in body["description"]
     assert_error(daemon.client.simulate_post("/v2/payloads", body=b"{}", headers={"Accept": "text/html"}), 404)
 
 
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "GET", "PATCH"])
-def test_405_on_ingest_path(daemon: Daemon, method: str) -> None:
+def test_other_methods_on_the_ingest_path_are_a_json_405_with_allow_post(daemon: Daemon, method: str) -> None:
     r = daemon.client.simulate_request(method, INGEST, body=b'{"data":[{}]}',
                                        headers={"Content-Type": "application/json", "Accept": "application/xml"})
     assert_error(r, 405)
     assert r.headers["allow"] == "POST"
-    assert daemon.intake.depth() == 0
+    assert daemon.kept() == Kept(0, 0, {}, [])
+    assert daemon.counters()["rejected_requests"] == 1
 
 
-def test_405_on_health_is_json(daemon: Daemon) -> None:
+def test_post_on_health_is_a_json_405(daemon: Daemon) -> None:
     r = daemon.client.simulate_post("/health", body=b"{}")
     assert_error(r, 405)
     assert "GET" in r.headers["allow"]
@@ -256,14 +385,15 @@ def test_405_on_health_is_json(daemon: Daemon) -> None:
 @pytest.mark.parametrize(
     "authorization", [None, "", "Bearer", "Bearer wrong", "Basic s3cret", "Bearer s3cret-and-more", "s3cret"]
 )
-def test_401_without_a_valid_token(make_daemon: Callable[..., Daemon], authorization: str | None) -> None:
+def test_missing_or_wrong_token_is_401_and_keeps_nothing(make_daemon: Callable[..., Daemon],
+                                                         authorization: str | None) -> None:
     d = make_daemon(tokens=("s3cret", "other"))
     headers = {} if authorization is None else {"Authorization": authorization}
     r = d.post({"data": [{}]}, headers=headers)
     assert_error(r, 401)
     assert r.headers["www-authenticate"].startswith("Bearer")
-    assert d.intake.depth() == 0
-    assert d.snapshot()["counters"]["rejected_requests"] == 1
+    assert d.kept() == Kept(0, 0, {}, [])
+    assert d.counters()["rejected_requests"] == 1
 
 
 @pytest.mark.parametrize("authorization", ["Bearer s3cret", "bearer other", "Bearer  s3cret "])
@@ -271,6 +401,7 @@ def test_valid_token_is_accepted(make_daemon: Callable[..., Daemon], authorizati
     d = make_daemon(tokens=("s3cret", "other"))
     r = d.post({"data": [{"x": 1}]}, headers={"Authorization": authorization})
     assert r.status_code == 202 and r.json == {"accepted": 1}
+    assert payloads(d.taken()) == [{"x": 1}]
 
 
 def test_non_ascii_authorization_is_401(make_daemon: Callable[..., Daemon]) -> None:
@@ -290,36 +421,110 @@ def test_no_auth_when_no_tokens(daemon: Daemon) -> None:
 # -- 503 -----------------------------------------------------------------------------------------
 
 
-def test_full_queue_is_503_with_retry_after(make_daemon: Callable[..., Daemon]) -> None:
+def test_queue_one_below_its_bound_accepts_and_at_its_bound_is_503_keeping_nothing(
+        make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(max_items=2)
     assert d.post({"data": [{"n": 1}]}).status_code == 202
-    assert d.post({"data": [{"n": 2}]}).status_code == 202
-    r = d.post({"data": [{"n": 3}]})
-    body = assert_error(r, 503)
-    assert r.headers["retry-after"] == str(RETRY_AFTER)
+    assert d.post({"data": [{"n": 2}]}).status_code == 202  # depth 1 < 2: the last one that fits
+    before = d.kept()
+    body = assert_503(d.post({"data": [{"n": 3}]}))
     assert "full" in body["description"]
-    snap = d.snapshot()
-    assert snap["counters"]["accepted_payloads"] == 2
-    assert snap["counters"]["overload_rejections"] == 1
-    assert [lines(d.taken())[0]["payload"] for _ in range(2)] == [{"n": 1}, {"n": 2}]
+    assert d.kept() == before
+    counters = d.counters()
+    assert (counters["accepted_payloads"], counters["overload_rejections"], counters["rejected_requests"]) == (2, 1, 1)
+    assert [payloads(d.taken()) for _ in range(2)] == [[{"n": 1}], [{"n": 2}]]
 
 
-def test_queue_full_by_bytes_is_503(make_daemon: Callable[..., Daemon]) -> None:
+def test_logged_bytes_exactly_at_queue_max_bytes_are_accepted_then_503(make_daemon: Callable[..., Daemon]) -> None:
+    a, b = {"p": "x" * 100}, {"p": "y" * 50}
+    d = make_daemon(queue_max_bytes=record_size(a) + record_size(b))
+    assert d.post({"data": [a]}).status_code == 202
+    assert d.post({"data": [b]}).status_code == 202
+    assert d.log.total_bytes == d.config.queue.max_bytes
+    before = d.kept()
+    body = assert_503(d.post({"data": [{}]}))
+    assert "full" in body["description"]
+    assert d.kept() == before
+    assert d.counters()["overload_rejections"] == 1
+
+
+def test_request_well_over_queue_max_bytes_is_503_and_keeps_nothing(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(queue_max_bytes=300)
     assert d.post({"data": [{"p": "x" * 100}]}).status_code == 202
-    r = d.post({"data": [{"p": "x" * 200}]})
-    assert_error(r, 503)
-    assert r.headers["retry-after"] == str(RETRY_AFTER)
+    before = d.kept()
+    assert_503(d.post({"data": [{"p": "x" * 200}]}))
+    assert d.kept() == before
+    assert payloads(d.taken()) == [{"p": "x" * 100}]
 
 
-def test_draining_is_503_with_retry_after(daemon: Daemon) -> None:
+def test_request_whose_record_would_take_the_logs_one_byte_over_queue_max_bytes_is_503(
+        make_daemon: Callable[..., Daemon]) -> None:
+    a, b = {"p": "x" * 100}, {"p": "y" * 50}
+    d = make_daemon(queue_max_bytes=record_size(a) + record_size(b) - 1)
+    assert d.post({"data": [a]}).status_code == 202
+    before = d.kept()
+    assert_503(d.post({"data": [b]}))
+    assert d.kept() == before
+    assert d.log.total_bytes <= d.config.queue.max_bytes
+
+
+def test_bytes_of_the_other_listeners_count_against_queue_max_bytes(make_daemon: Callable[..., Daemon]) -> None:
+    a = {"p": "x" * 100}
+    d = make_daemon(queue_max_bytes=2 * record_size(a))
+    d.intake.others_bytes = record_size(a)  # as the keeper publishes it
+    assert d.post({"data": [a]}).status_code == 202
+    assert_503(d.post({"data": [a]}))
+    d.intake.others_bytes = 0
+    assert d.post({"data": [a]}).status_code == 202
+
+
+@pytest.mark.parametrize("how", ["phase", "intake"])
+def test_draining_is_503_with_retry_after_and_keeps_nothing(daemon: Daemon, how: str) -> None:
     assert daemon.post({"data": [{}]}).status_code == 202
-    daemon.intake.begin_drain()
-    r = daemon.post({"data": [{}]})
-    body = assert_error(r, 503)
-    assert r.headers["retry-after"] == str(RETRY_AFTER)
+    if how == "phase":
+        daemon.board.control[Control.PHASE] = Phase.DRAINING  # every listener sees it on its next submit
+    else:
+        daemon.intake.begin_drain()  # the listener's keeper following the drain
+    before = daemon.kept()
+    body = assert_503(daemon.post({"data": [{}]}))
     assert "drain" in body["description"]
-    assert daemon.intake.depth() == 1
+    assert daemon.kept() == before
+    counters = daemon.counters()
+    assert (counters["rejected_requests"], counters["overload_rejections"]) == (1, 0)
+
+
+def test_a_blocked_spool_is_503_naming_the_cause_and_keeps_nothing(daemon: Daemon) -> None:
+    assert daemon.post({"data": [{}]}).status_code == 202
+    daemon.intake.blocked = "spool.max_bytes (1000) reached"
+    before = daemon.kept()
+    body = assert_503(daemon.post({"data": [{}]}))
+    assert "spool.max_bytes (1000) reached" in body["description"]
+    assert daemon.kept() == before
+    assert daemon.counters()["overload_rejections"] == 1
+    daemon.intake.blocked = None
+    assert daemon.post({"data": [{}]}).status_code == 202
+
+
+def test_request_whose_reference_cannot_be_put_is_cancelled_in_the_log(make_daemon: Callable[..., Daemon]) -> None:
+    # the intake's bound is above what the pipe holds, so the request is logged before the put fails
+    d = make_daemon(max_items=10, intake_max_items=10**6)
+    assert d.post({"data": [{"n": 1}]}).status_code == 202
+    kept_ref = d.taken().ref
+    before = d.kept()
+    filled = fill_the_pipe(d.queue)
+    body = assert_503(d.post({"data": [{"n": 2}, {"n": 3}]}))
+    assert "full" in body["description"]
+    after = d.kept()
+    assert (after.log_bytes, after.files, after.parts) == (before.log_bytes, before.files, before.parts)
+    assert after.depth == filled
+    assert d.counters()["overload_rejections"] == 1
+    while d.queue.take(4096, 0):
+        pass
+    assert d.post({"data": [{"n": 4}]}).status_code == 202
+    stored = d.taken()
+    assert stored.ref.offset == kept_ref.offset + kept_ref.length  # written where the cancelled one was
+    assert payloads(stored) == [{"n": 4}]
+    assert d.counters()["accepted_payloads"] == 2
 
 
 # -- health --------------------------------------------------------------------------------------
@@ -329,15 +534,18 @@ def test_health_ok_has_the_spec_fields(daemon: Daemon) -> None:
     r = daemon.client.simulate_get("/health")
     assert r.status_code == 200
     snap = r.json
-    assert snap["status"] == "ok"
-    assert isinstance(snap["uptime_s"], int | float) and snap["uptime_s"] >= 0
-    assert snap["queue"]["depth"] == 0 and snap["queue"]["capacity"] == 10
-    assert len(snap["workers"]) == 2
+    assert (snap["status"], snap["ready"], snap["reasons"], snap["epoch"]) == ("ok", True, [], 1)
+    assert isinstance(snap["uptime_s"], int | float) and 0 <= snap["uptime_s"] < 60
+    assert snap["queue"] == {"depth": 0, "capacity": 10, "bytes": 0, "max_bytes": 1 << 20}
+    assert len(snap["workers"]) == UPLOADERS and len(snap["listeners"]) == LISTENERS
     for w in snap["workers"]:
-        assert w["pid"] == os.getpid() and w["alive"] is True and w["restarts"] == 0
+        assert (w["pid"], w["alive"], w["restarts"], w["booted"], w["state"]) == (os.getpid(), True, 0, True, "running")
         assert w["rss_bytes"] > 0 and isinstance(w["cpu_percent"], int | float)
+    for x in snap["listeners"]:
+        assert (x["pid"], x["alive"], x["serving"]) == (os.getpid(), True, True)
     assert set(snap["counters"]) >= {"accepted_payloads", "uploaded_payloads", "uploaded_objects", "failed_uploads",
-                                     "dead_lettered_payloads", "rejected_requests"}
+                                     "dead_lettered_payloads", "rejected_requests", "accepted_requests",
+                                     "overload_rejections"}
     assert all(v == 0 for v in snap["counters"].values())
     assert snap["rss_bytes"] > 0 and isinstance(snap["cpu_percent"], int | float)
 
@@ -347,10 +555,60 @@ def test_health_queue_depth_counts_requests(daemon: Daemon) -> None:
     daemon.post({"data": [{}]})
     snap = daemon.snapshot()
     assert snap["queue"]["depth"] == 2
-    assert snap["counters"]["accepted_payloads"] == 3
+    assert (snap["counters"]["accepted_payloads"], snap["counters"]["accepted_requests"]) == (3, 2)
 
 
-def test_health_503_when_queue_full(make_daemon: Callable[..., Daemon]) -> None:
+def _draining(d: Daemon) -> str:
+    d.board.control[Control.PHASE] = Phase.DRAINING
+    return "draining"
+
+
+def _no_uploader_booted(d: Daemon) -> str:
+    for i in range(UPLOADERS):
+        d.board.uploader(i)[UploaderField.BOOTED_PID] = 0
+    return "no uploader has booted"
+
+
+def _uploader_rows_of_dead_processes(d: Daemon) -> str:
+    for i in range(UPLOADERS):  # booted once, then replaced: the new processes have not booted yet
+        d.board.child(Role.UPLOADER, i)[ChildField.PID] = os.getpid() + 1 + i
+    return "no uploader has booted"
+
+
+def _a_listener_not_serving(d: Daemon) -> str:
+    d.board.listener(1)[ListenerField.SERVING_PID] = 0
+    return "not every listener has started"
+
+
+def _queue_full(d: Daemon) -> str:
+    d.queue.put_many([Ref(0, 1, 1, 0, 24, 0, 1)] * d.config.queue.max_items)
+    return "queue full"
+
+
+def _logs_full(d: Daemon) -> str:
+    d.board.listener(1)[ListenerField.LOG_BYTES] = d.config.queue.max_bytes
+    return "queue full"
+
+
+def _spool_blocked(d: Daemon) -> str:
+    d.intake.blocked = "dead letters cannot be written"
+    return "dead letters cannot be written"
+
+
+@pytest.mark.parametrize("make_unready", [_draining, _no_uploader_booted, _uploader_rows_of_dead_processes,
+                                          _a_listener_not_serving, _queue_full, _logs_full, _spool_blocked])
+def test_health_is_503_and_names_the_reason_it_is_not_ready(daemon: Daemon, make_unready: Callable[[Daemon], str]) -> None:
+    assert daemon.client.simulate_get("/health").status_code == 200
+    reason = make_unready(daemon)
+    r = daemon.client.simulate_get("/health")
+    assert r.status_code == 503
+    assert (r.json["ready"], r.json["reasons"]) == (False, [reason])
+    ready = daemon.client.simulate_get("/health/ready")
+    assert ready.status_code == 503 and ready.json["ready"] is False
+    assert daemon.client.simulate_get("/health/live").status_code == 200
+
+
+def test_health_is_degraded_when_the_queue_is_full(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(max_items=2)
     d.post({"data": [{}]})
     assert d.client.simulate_get("/health").status_code == 200
@@ -358,61 +616,78 @@ def test_health_503_when_queue_full(make_daemon: Callable[..., Daemon]) -> None:
     r = d.client.simulate_get("/health")
     assert r.status_code == 503
     assert r.json["status"] == "degraded" and r.json["queue"]["depth"] == 2
-    assert d.client.simulate_get("/health/ready").status_code == 503
 
 
-def test_health_503_when_draining(daemon: Daemon) -> None:
-    daemon.intake.begin_drain()
+def test_health_says_draining_while_draining(daemon: Daemon) -> None:
+    daemon.board.control[Control.PHASE] = Phase.DRAINING
     r = daemon.client.simulate_get("/health")
     assert r.status_code == 503 and r.json["status"] == "draining"
     ready = daemon.client.simulate_get("/health/ready")
-    assert ready.status_code == 503 and ready.json["status"] == "draining"
-    assert daemon.client.simulate_get("/health/live").status_code == 200
+    assert ready.status_code == 503 and ready.json == {"ready": False, "status": "draining"}
 
 
-def test_health_503_without_a_live_worker(daemon: Daemon) -> None:
-    daemon.workers[:] = [WorkerView(0, None, False, 3, "backoff"), WorkerView(1, None, False, 1, "backoff")]
+def test_health_503_without_a_live_uploader_reports_their_restarts(daemon: Daemon) -> None:
+    for i, restarts in enumerate([3, 1]):
+        view = daemon.board.child(Role.UPLOADER, i)
+        view[ChildField.PID] = 0
+        view[ChildField.STATE] = list(ChildState).index(ChildState.BACKOFF)
+        view[ChildField.RESTARTS] = restarts
     r = daemon.client.simulate_get("/health")
     assert r.status_code == 503
-    assert [w["restarts"] for w in r.json["workers"]] == [3, 1]
-    assert all(w["alive"] is False for w in r.json["workers"])
-    assert daemon.client.simulate_get("/health/ready").status_code == 503
+    assert [(w["restarts"], w["alive"], w["pid"], w["state"]) for w in r.json["workers"]] == [
+        (3, False, None, "backoff"), (1, False, None, "backoff")]
+    assert r.json["reasons"] == ["no uploader has booted"]
 
 
-def test_one_dead_worker_is_degraded_but_ready(daemon: Daemon) -> None:
-    daemon.workers[1] = WorkerView(1, None, False, 1, "backoff")
+def test_one_dead_uploader_is_degraded_but_ready(daemon: Daemon) -> None:
+    daemon.board.child(Role.UPLOADER, 1)[ChildField.PID] = 0
     r = daemon.client.simulate_get("/health")
     assert r.status_code == 200 and r.json["status"] == "degraded"
 
 
 def test_failing_sink_is_degraded_but_ready(daemon: Daemon) -> None:
-    daemon.board.set(0, SlotField.LAST_OK_MS, 1000)
-    daemon.board.set(0, SlotField.LAST_FAIL_MS, 2000)
+    daemon.board.uploader(0)[UploaderField.LAST_OK_MS] = 1000
+    daemon.board.uploader(0)[UploaderField.LAST_FAIL_MS] = 2000
     r = daemon.client.simulate_get("/health")
     assert r.status_code == 200
-    assert r.json["status"] == "degraded"
+    assert r.json["status"] == "degraded" and r.json["sink"] == {"failing": True}
     assert daemon.client.simulate_get("/health/ready").status_code == 200
     assert daemon.post({"data": [{}]}).status_code == 202
-    daemon.board.set(0, SlotField.LAST_OK_MS, 3000)
+    daemon.board.uploader(0)[UploaderField.LAST_OK_MS] = 3000
     assert daemon.snapshot()["status"] == "ok"
 
 
-def test_health_live_and_ready(daemon: Daemon) -> None:
+def test_health_live_and_ready_answer_json(daemon: Daemon) -> None:
     live = daemon.client.simulate_get("/health/live")
     assert live.status_code == 200 and live.headers["content-type"].startswith("application/json")
     ready = daemon.client.simulate_get("/health/ready")
-    assert ready.status_code == 200 and ready.json["ready"] is True and ready.json["status"] == "ok"
+    assert ready.status_code == 200 and ready.json == {"ready": True, "status": "ok"}
 
 
-def test_health_reports_uploader_counters(daemon: Daemon) -> None:
-    daemon.board.add(0, SlotField.UPLOADED_PAYLOADS, 5)
-    daemon.board.add(1, SlotField.UPLOADED_PAYLOADS, 7)
-    daemon.board.add(1, SlotField.UPLOADED_OBJECTS, 2)
-    daemon.board.add(0, SlotField.FAILED_UPLOADS, 3)
-    daemon.board.add(1, SlotField.DEAD_LETTERED_PAYLOADS, 4)
-    c = daemon.snapshot()["counters"]
+def test_health_sums_the_counters_of_every_row(daemon: Daemon) -> None:
+    b = daemon.board
+    b.uploader(0).add(UploaderField.UPLOADED_PAYLOADS, 5)
+    b.uploader(1).add(UploaderField.UPLOADED_PAYLOADS, 7)
+    b.uploader(1).add(UploaderField.UPLOADED_OBJECTS, 2)
+    b.uploader(0).add(UploaderField.FAILED_UPLOADS, 3)
+    b.uploader(1).add(UploaderField.DEAD_LETTERED_PAYLOADS, 4)
+    b.listener(1).add(ListenerField.ACCEPTED_PAYLOADS, 9)
+    b.listener(1).add(ListenerField.REJECTED_REQUESTS, 2)
+    daemon.post({"data": [{}]})
+    c = daemon.counters()
     assert (c["uploaded_payloads"], c["uploaded_objects"], c["failed_uploads"], c["dead_lettered_payloads"]) == (
         12, 2, 3, 4)
+    assert (c["accepted_payloads"], c["rejected_requests"]) == (10, 2)
+
+
+def test_uptime_follows_the_injected_clock(daemon: Daemon) -> None:
+    times = [100.0]
+    daemon.board.control[Control.STARTED_MS] = 100_000  # the supervisor's start, as it publishes it
+    health = Health(daemon.board, daemon.queue, daemon.config, daemon.intake, supervisor_pid=os.getpid(),
+                    clock=lambda: times[-1])
+    assert health.snapshot()["uptime_s"] == 0
+    times.append(112.5)
+    assert health.snapshot()["uptime_s"] == 12.5
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -423,40 +698,49 @@ def test_metrics_agree_with_health(daemon: Daemon) -> None:
     daemon.post({"data": [{}]})
     daemon.post(raw=b"{bad")
     daemon.post({"data": [{}]}, content_type="text/plain")
-    daemon.board.add(1, SlotField.UPLOADED_PAYLOADS, 2)
-    daemon.board.add(0, SlotField.UPLOADED_OBJECTS, 1)
+    daemon.board.uploader(1).add(UploaderField.UPLOADED_PAYLOADS, 2)
+    daemon.board.uploader(0).add(UploaderField.UPLOADED_OBJECTS, 1)
+    daemon.board.listener(0)[ListenerField.LOG_BYTES] = 123
     r = daemon.client.simulate_get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
-    counters = daemon.snapshot()["counters"]
-    assert counters["accepted_payloads"] == 4 and counters["rejected_requests"] == 2
+    snap = daemon.snapshot()
+    counters = snap["counters"]
+    assert (counters["accepted_payloads"], counters["rejected_requests"], counters["uploaded_payloads"]) == (4, 2, 2)
     for name, value in counters.items():
         assert metric(text, f"ingestd_{name}_total") == value, name
-    assert metric(text, "ingestd_queue_depth") == 2
+    assert metric(text, "ingestd_queue_depth") == snap["queue"]["depth"] == 2
     assert metric(text, "ingestd_queue_capacity") == 10
+    assert metric(text, "ingestd_queue_bytes") == snap["queue"]["bytes"] == 123
     assert metric(text, "ingestd_ready") == 1
-    assert metric(text, "ingestd_uploaders_alive") == 2
+    assert metric(text, "ingestd_draining") == 0
+    assert metric(text, "ingestd_epoch") == 1
+    assert metric(text, "ingestd_uploaders_alive") == UPLOADERS
+    assert metric(text, "ingestd_listeners_alive") == LISTENERS
 
 
-def test_rejected_requests_counts_every_refused_ingest(make_daemon: Callable[..., Daemon]) -> None:
+def test_metrics_follow_readiness_and_draining(daemon: Daemon) -> None:
+    daemon.board.control[Control.PHASE] = Phase.DRAINING
+    daemon.board.child(Role.UPLOADER, 0)[ChildField.PID] = 0
+    text = daemon.client.simulate_get("/metrics").text
+    assert metric(text, "ingestd_ready") == 0
+    assert metric(text, "ingestd_draining") == 1
+    assert metric(text, "ingestd_uploaders_alive") == UPLOADERS - 1
+
+
+def test_rejected_requests_counts_every_refused_ingest_and_overload_only_the_503s(
+        make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(max_items=1, tokens=("t",))
     auth = {"Authorization": "Bearer t"}
-    d.post({"data": [{}]})  # 401
-    d.post(raw=b"[]", headers=auth)  # 400
-    d.post({"data": [{}]}, content_type="text/csv", headers=auth)  # 415
-    d.post(raw=b" " * (MAX_BODY + 1), headers=auth)  # 413
-    assert d.post({"data": [{}]}, headers=auth).status_code == 202
-    d.post({"data": [{}]}, headers=auth)  # 503 full
-    snap = d.snapshot()
-    assert snap["counters"]["rejected_requests"] == 5
-    assert metric(d.client.simulate_get("/metrics").text, "ingestd_rejected_requests_total") == 5
-
-
-def test_uptime_follows_the_injected_clock(daemon: Daemon) -> None:
-    times = [100.0]
-    daemon.board.gset(GlobalField.STARTED_MS, 100_000)  # the supervisor's start, as it publishes it
-    health = Health(daemon.board, daemon.intake, 10, 1 << 20, workers=lambda: list(daemon.workers),
-                    clock=lambda: times[-1])
-    assert health.snapshot()["uptime_s"] == 0
-    times.append(112.5)
-    assert health.snapshot()["uptime_s"] == 12.5
+    assert d.post({"data": [{}]}).status_code == 401
+    assert d.post(raw=b"[]", headers=auth).status_code == 400
+    assert d.post({"data": [{}]}, content_type="text/csv", headers=auth).status_code == 415
+    assert d.post(raw=b" " * (MAX_BODY + 1), headers=auth).status_code == 413
+    assert d.post({"data": [{}, {}]}, headers=auth).status_code == 202
+    assert d.post({"data": [{}]}, headers=auth).status_code == 503
+    counters = d.counters()
+    assert (counters["rejected_requests"], counters["overload_rejections"]) == (5, 1)
+    assert (counters["accepted_requests"], counters["accepted_payloads"]) == (1, 2)
+    text = d.client.simulate_get("/metrics").text
+    assert metric(text, "ingestd_rejected_requests_total") == 5
+    assert metric(text, "ingestd_overload_rejections_total") == 1
