@@ -23,9 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .batching import Batch
-from .errors import PermanentSinkError, RetryableSinkError
+from .errors import PermanentSinkError, RetryableSinkError, SinkError
 from .journal import Intent, Journal
-from .requestlog import append_landed, read_parts
+from .requestlog import Part, append_landed, read_parts
 from .scoreboard import Row, UploaderField, now_ms
 from .sinks import KeyMaker, Sink
 from .spool import Spool
@@ -73,33 +73,47 @@ class Delivery:
         """Put the object of `intent` and record the outcome. `body` is read back from the logs
         when not given (a re-send). Returns True once the outcome is recorded; raises
         DeadlineReached when the deadline passes first."""
+        count = intent.count
         if body is None:
-            try:
-                body = read_parts(self.spool.logs_dir, intent.parts)
-            except ValueError as e:
-                self._quarantine(intent, journal, str(e))
-                return True
-            if body is None:
+            rebuilt = read_parts(self.spool.logs_dir, intent.parts)
+            if rebuilt is None:
                 # a segment of it is gone: segments are deleted only once every part landed,
                 # so this object landed before the crash that left its intent open; what of it
                 # was not yet recorded as landed (in the segments still there) is recorded now
                 self._close(intent, journal)
                 return True
+            if rebuilt.damaged and self._damaged(intent, rebuilt.damaged):
+                self._close(intent, journal)  # it landed whole before the crash
+                return True
+            body, count = rebuilt.body, rebuilt.count
             self.row.add(UploaderField.RESENT_OBJECTS)
             log.info("%s: sending %s again (%d payloads, left open by an earlier process)", self.name, intent.key,
-                     intent.count)
+                     count)
         data = self.encode(body, intent.encoding, intent.level)
         try:
-            self.put_object(intent.key, data, intent.encoding, intent.count)
+            self.put_object(intent.key, data, intent.encoding, count)
         except PermanentSinkError as e:
-            self._dead_letter(intent, journal, body, str(e))
+            self._dead_letter(intent, journal, body, count, str(e))
             return True
         self._close(intent, journal)
-        self.row.add(UploaderField.UPLOADED_PAYLOADS, intent.count)
+        self.row.add(UploaderField.UPLOADED_PAYLOADS, count)
         self.row.add(UploaderField.UPLOADED_OBJECTS)
         self.row[UploaderField.LAST_OK_MS] = now_ms()
-        log.debug("%s: wrote %s (%d payloads, %d bytes)", self.name, intent.key, intent.count, len(data))
+        log.debug("%s: wrote %s (%d payloads, %d bytes)", self.name, intent.key, count, len(data))
         return True
+
+    def _damaged(self, intent: Intent, damaged: list[Part]) -> bool:
+        """Parts of an open intent fail their checksum: the object cannot be rebuilt as it was.
+        If it landed before the crash, it is whole in the sink: True. If not, the caller sends
+        what can be rebuilt to the same key (never to a new one: no duplicates)."""
+        self.row.add(UploaderField.DAMAGED_RECORDS, len(damaged))
+        self.spool.quarantine(Path(intent.key), intent.to_json(),
+                              f"parts fail their checksum and cannot be sent again: {[list(p) for p in damaged]}")
+        try:
+            return self.sink.exists(intent.key)
+        except SinkError as e:
+            log.error("%s: cannot tell whether %s landed (%s): sending what is left of it", self.name, intent.key, e)
+            return False
 
     def put_object(self, key: str, data: bytes, encoding: str | None, count: int) -> None:
         """Put with exponential backoff and full jitter on retryable errors, until the deadline."""
@@ -121,24 +135,19 @@ class Delivery:
                 self.row[UploaderField.LAST_FAIL_MS] = now_ms()
                 raise
 
-    def _dead_letter(self, intent: Intent, journal: Journal, body: bytes, reason: str) -> None:
+    def _dead_letter(self, intent: Intent, journal: Journal, body: bytes, count: int, reason: str) -> None:
         def write() -> None:
             used = self.spool.used_bytes()
             if used + len(body) > self.spool.config.max_bytes:
                 raise OSError(28, f"spool.max_bytes reached ({used} of {self.spool.config.max_bytes} bytes used)")
-            path = self.spool.write_dead_letter(intent.key, intent.encoding, intent.level, intent.count, body,
+            path = self.spool.write_dead_letter(intent.key, intent.encoding, intent.level, count, body,
                                                 f"{intent.key}: {reason}")
             log.error("%s: sink refused %s for good (%s); %d payloads dead-lettered to %s", self.name, intent.key,
-                      reason, intent.count, path)
+                      reason, count, path)
 
         self._retry(write, intent, "dead letter", blocked=True)
         self._close(intent, journal, dead=True)
-        self.row.add(UploaderField.DEAD_LETTERED_PAYLOADS, intent.count)
-
-    def _quarantine(self, intent: Intent, journal: Journal, why: str) -> None:
-        self.spool.quarantine(Path(intent.key), intent.to_json(), f"cannot rebuild the object: {why}")
-        self.row.add(UploaderField.DAMAGED_RECORDS)
-        self._close(intent, journal, dead=True)
+        self.row.add(UploaderField.DEAD_LETTERED_PAYLOADS, count)
 
     def _close(self, intent: Intent, journal: Journal, dead: bool = False) -> None:
         """Record the parts as landed beside their segments, THEN close the intent. In this order

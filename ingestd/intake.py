@@ -82,7 +82,7 @@ class Intake:
             if not self.always_sync:
                 if self.queue.try_put(ref):
                     return self._accepted(pos, count)
-                self.log.cancel(pos)
+                self.log.cancel(pos, may_truncate=True)  # the lock was held since the append
                 self.row.add(ListenerField.OVERLOAD_REJECTIONS)
                 return Admission.FULL
             self._pending[epoch] += 1

@@ -4,9 +4,10 @@ Before every PUT the uploader appends an INTENT record: the object's key, how it
 and its parts (which payload lines of which logged requests, in order). The object's bytes are
 a pure function of the intent and the logs (deterministic gzip), so an intent left without an
 outcome by a crash is sent again to the *same key with the same bytes*: it overwrites itself
-instead of adding a copy. After the PUT, LANDED (or DEAD, once the object is safe in the
-dead-letter spool) closes the intent; only then are its parts recorded as landed beside the log
-segments, which is what lets the listeners delete them.
+instead of adding a copy. After the PUT, its parts are recorded as landed beside the log
+segments (which is what lets the listeners delete them), and only then does LANDED (or DEAD,
+once the object is safe in the dead-letter spool) close the intent: a crash in between leaves
+an open intent, never landed parts that nothing records.
 
 Files: `journals/<uploader>/<n>.jnl`, one writer each. A process never appends to a file of its
 predecessor (whose tail may be torn): recovery cuts the torn tail and the new process starts

@@ -46,7 +46,7 @@ from .journal import read_all_intents
 from .refqueue import RefQueue
 from .requestlog import Covered, RequestLog
 from .scoreboard import ChildField, ListenerField, Phase, Role, Scoreboard, UploaderField
-from .spool import Lock, Spool, is_space_error
+from .spool import Lock, Spool
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class Keeper:
         self.usage_due = Every(USAGE_EVERY_S)
         self.sync_due = Every(config.spool.journal_fsync_interval_ms / 1000)
         self.cap_blocked = False
+        self._probe_failed = False
 
     # -- epochs and the re-index ---------------------------------------------------------------------
     def uploaders_acknowledged(self, epoch: int) -> bool:
@@ -193,10 +194,13 @@ class Keeper:
             finally:
                 os.close(fd)
                 path.unlink(missing_ok=True)
+            self._probe_failed = False
             return True
         except OSError as e:
-            if not is_space_error(e):
-                log.error("listener %d: probing the request log folder: %s", self.index, e)
+            if not self._probe_failed:
+                log.error("listener %d: the request log folder still refuses writes (%s); probing every %.0f ms",
+                          self.index, e, TICK_S * 1000)
+            self._probe_failed = True
             return False
 
     # -- the loop ----------------------------------------------------------------------------------

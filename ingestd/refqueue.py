@@ -160,7 +160,8 @@ class RefQueue(Queue):  # type: ignore[type-arg]
 
     # -- the stock interface, on the same discipline -------------------------------------------
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
-        if not self.try_put(obj):
+        """Never blocks: Full when `max_items` references are waiting, or the pipe is full."""
+        if self.depth() >= self.max_items or not self.try_put(obj):
             raise Full
 
     def put_nowait(self, obj: Any) -> None:

@@ -223,7 +223,7 @@ class RequestLog:
                 continue
             self.segments[(listener, seg.number)] = seg
             self.total_bytes += seg.size
-            found += seg.total_lines - sum(seg.cancelled.values())
+            found += seg.total_lines - sum(seg.cancelled.values()) - seg.landed_lines
             if listener == self.index:
                 self._next = max(self._next, seg.number + 1)
         for stray in folder.glob("*.landed"):  # a segment deleted between its two unlinks
@@ -330,12 +330,16 @@ class RequestLog:
         pos.segment.pending -= 1
         self._close_if_done(pos.segment)
 
-    def cancel(self, pos: Pos) -> None:
-        """The request of `pos` was refused after it was logged: it must never be delivered."""
+    def cancel(self, pos: Pos, may_truncate: bool = False) -> None:
+        """The request of `pos` was refused after it was logged: it must never be delivered.
+
+        `may_truncate`: the caller held the intake lock from the append until now, so no cut
+        (`position`) can lie past this record and it may simply be cut off the end. Otherwise a
+        CANCEL record says so: offsets below a cut must never be reused."""
         seg = pos.segment
         seg.pending -= 1
         seg.cancelled[pos.offset] = pos.count
-        if seg is self.current and seg.size == pos.offset + pos.size:
+        if may_truncate and seg is self.current and seg.size == pos.offset + pos.size:
             try:
                 os.ftruncate(seg.fd, pos.offset)
                 os.lseek(seg.fd, pos.offset, os.SEEK_SET)
@@ -468,11 +472,18 @@ def _find(offsets: array[int], offset: int) -> int:
     return i
 
 
-def read_parts(logs_dir: Path, parts: Iterable[Part]) -> bytes | None:
-    """The lines of `parts`, in order, read back from the logs; None if a segment is gone.
+class Rebuilt(NamedTuple):
+    body: bytes
+    count: int  # type: ignore[assignment]  # payload lines in `body`
+    damaged: list[Part]  # parts whose record failed its checksum: left out of `body`
 
-    Raises ValueError if a record fails its checksum (damaged storage)."""
+
+def read_parts(logs_dir: Path, parts: Iterable[Part]) -> Rebuilt | None:
+    """The lines of `parts`, in order, read back from the logs; None if a segment is gone.
+    A part whose record fails its checksum (damaged storage) is left out and listed."""
     out = []
+    count = 0
+    damaged: list[Part] = []
     fds: dict[tuple[int, int], int] = {}
     try:
         for p in parts:
@@ -484,16 +495,17 @@ def read_parts(logs_dir: Path, parts: Iterable[Part]) -> bytes | None:
                 except FileNotFoundError:
                     return None
             head = os.pread(fd, HEADER.size, p.offset)
-            if len(head) != HEADER.size:
-                raise ValueError(f"record at {p.offset} of segment {p.segment} is cut short")
-            length = HEADER.unpack(head)[3]
-            if p.offset + HEADER.size + length > os.fstat(fd).st_size:  # a damaged length allocates nothing
-                raise ValueError(f"record at {p.offset} of segment {p.segment} runs past the end of its file")
-            got = read_record(fd, Ref(p.listener, 0, p.segment, p.offset, HEADER.size + length, p.first_line, p.count))
+            length = HEADER.unpack(head)[3] if len(head) == HEADER.size else 0
+            got = None
+            if head and p.offset + HEADER.size + length <= os.fstat(fd).st_size:  # a damaged length allocates nothing
+                got = read_record(fd, Ref(p.listener, 0, p.segment, p.offset, HEADER.size + length, p.first_line,
+                                          p.count))
             if got is None:
-                raise ValueError(f"record at {p.offset} of segment {p.segment} of listener {p.listener} fails its checksum")
+                damaged.append(p)
+                continue
             out.append(got[1])
+            count += p.count
     finally:
         for fd in fds.values():
             os.close(fd)
-    return b"".join(out)
+    return Rebuilt(b"".join(out), count, damaged)

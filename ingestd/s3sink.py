@@ -64,6 +64,18 @@ class S3Sink:
     def describe(self) -> str:
         return f"s3 bucket {self.bucket} at {self.endpoint}"
 
+    def exists(self, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except botocore.exceptions.ClientError as e:
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if status == 404:
+                return False
+            raise RetryableSinkError(f"s3://{self.bucket}/{key}: HEAD answered {status}") from e
+        except (botocore.exceptions.BotoCoreError, OSError) as e:
+            raise RetryableSinkError(f"s3://{self.bucket}/{key}: {e}") from e
+
     def put(self, key: str, body: bytes, content_encoding: str | None) -> None:
         extra = {"ContentEncoding": content_encoding} if content_encoding else {}
         # S3 verifies Content-MD5 against what it received and refuses the PUT (BadDigest) on a mismatch

@@ -26,6 +26,9 @@ class Sink(Protocol):
     def put(self, key: str, body: bytes, content_encoding: str | None) -> None:
         """Store one object; raise RetryableSinkError or PermanentSinkError."""
 
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored at `key` (raise RetryableSinkError when it cannot tell)."""
+
     def describe(self) -> str:
         """Where objects go, for log lines."""
 
@@ -64,6 +67,9 @@ class DirectorySink:
     def describe(self) -> str:
         return f"directory {self.root}"
 
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(os.path.join(self.root, *key.split("/")))
+
     def put(self, key: str, body: bytes, content_encoding: str | None) -> None:
         path = os.path.join(self.root, *key.split("/"))
         folder, name = os.path.split(path)
@@ -80,6 +86,12 @@ class DirectorySink:
             finally:
                 os.close(fd)
             os.rename(tmp, path)
+            if self.fsync:  # the rename itself survives a power cut once the folder is synced
+                dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
         except OSError as e:
             try:
                 os.unlink(tmp)

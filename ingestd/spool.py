@@ -22,8 +22,8 @@ Every file is written by one owner, and files appear by atomic rename where read
 
 from __future__ import annotations
 
-import errno
 import fcntl
+import hashlib
 import logging
 import os
 import secrets
@@ -182,8 +182,8 @@ class Spool:
         """The object as it would have been sent (uncompressed lines), with its key."""
         self.dead_dir.mkdir(parents=True, exist_ok=True)
         meta = orjson.dumps({"key": key, "encoding": encoding, "level": level, "count": count, "reason": reason})
-        name = key.replace("/", "%2F") + ".dead"
-        path = self.dead_dir / name
+        # a bounded name (keys may be up to 1,024 bytes), the same for the same key
+        path = self.dead_dir / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".dead")
         write_atomically(path, frame(Kind.INTENT, meta) + frame(Kind.REQUEST, body), fsync=True)
         return path
 
@@ -259,6 +259,3 @@ class Spool:
             except OSError:
                 pass
 
-
-def is_space_error(e: OSError) -> bool:
-    return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG)

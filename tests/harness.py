@@ -70,8 +70,10 @@ def merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]] | No
 class Daemon:
     """One real `ingestd` process in its own process group."""
 
-    def __init__(self, workdir: Path, tables: dict[str, dict[str, Any]], env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, tables: dict[str, dict[str, Any]], env: dict[str, str] | None = None,
+                 wrap: list[str] | None = None) -> None:
         self.workdir = workdir
+        self.wrap = wrap or []  # a command the daemon runs under (e.g. setpriv, to drop capabilities)
         self.config_path = workdir / "config.toml"
         self.config_path.write_text(toml_dump(tables))
         self.log_path = workdir / f"ingestd-{time.monotonic_ns()}.log"
@@ -86,7 +88,7 @@ class Daemon:
     def start(self, timeout: float = 30.0, ready: bool = True) -> Daemon:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ingestd", "--config", str(self.config_path)],
+            [*self.wrap, sys.executable, "-m", "ingestd", "--config", str(self.config_path)],
             cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()

@@ -123,21 +123,38 @@ def test_full_tmpfs_under_the_logs_refuses_then_resumes_by_itself(daemon_factory
     assert spool_lines(d.workdir) == []
 
 
-def test_read_only_logs_refuse_then_resume_when_writable_again(daemon_factory, tmpfs, tmp_path):
+def test_a_log_folder_that_refuses_writes_answers_503_then_resumes(daemon_factory, tmpfs, tmp_path):
+    """Write errors that are not a full disk (here EACCES): 503, not ready, back by itself.
+
+    A read-only remount would be the natural fault, but Linux refuses it while files are open
+    for writing (the logs always are), and root passes every permission check: so the daemon
+    runs without CAP_DAC_OVERRIDE (setpriv) and the test takes the write permission of its log
+    folder away."""
+    import shutil
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is missing: cannot run the daemon without CAP_DAC_OVERRIDE")
     fs = tmpfs("logs", "16m")
-    d = daemon_factory({"spool": {"memory_path": str(fs.path)}, "batch": BATCH}).start()
+    d = daemon_factory({"batch": BATCH, "spool": {"memory_path": str(fs.path)}})
+    d.wrap = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+    d.start()
     ledger = Ledger()
     ledger.send_many(d.url, unique_prefix("before"), 30, 2, pad=100)
     assert ledger.statuses == {202: 30}, ledger.statuses
-    fs.remount("ro")  # every write now fails with EROFS, as a failing device would
-    assert_refusing(d, ledger, unique_prefix("ro"), "request log not writable")
-    fs.remount("rw")
+    folders = [p for p in (fs.path / "logs").iterdir() if p.is_dir()]
+    for folder in folders:
+        os.chmod(folder, 0o555)  # the next segment cannot be created (within a second)
+    denied = unique_prefix("denied")
+    wait_for(lambda: ledger.send(d.url, [f"{denied}-{sum(ledger.statuses.values())}"]) == 503, 10, "the first 503")
+    assert_refusing(d, ledger, unique_prefix("still-denied"), "request log not writable")
+    for folder in folders:
+        os.chmod(folder, 0o755)
     wait_for(d.is_ready, 15, "ready again once writable")
-    wait_for(lambda: accepting(d, ledger, unique_prefix("rw")), 10, "202 again")
+    wait_for(lambda: accepting(d, ledger, unique_prefix("allowed")), 10, "202 again")
     d.signal(signal.SIGTERM)
     assert d.wait(30) == 0, d.log()
-    check_delivery("read-only-logs", ledger, payload_ids(read_directory_sink(tmp_path / "objects")))
-    assert spool_lines(d.workdir) == []
+    check_delivery("log-folder-refusing-writes", ledger, payload_ids(read_directory_sink(tmp_path / "objects")))
+    assert spool_lines(tmp_path) == []
 
 
 def test_full_directory_sink_is_retried_not_dead_lettered(daemon_factory, tmpfs, tmp_path):
