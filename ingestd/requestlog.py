@@ -37,11 +37,12 @@ from typing import NamedTuple
 
 from .records import HEADER, Kind, frame, parse_request, request_record, scan, slice_lines
 from .refqueue import Ref
-from .spool import fsync_dir
+from .spool import fsync_dir, write_atomically
 
 log = logging.getLogger(__name__)
 
 SEGMENT_MAX_AGE_S = 1.0
+NEXT_FILE = ".next-segment"  # the next segment number of a folder (never reused)
 _LANDED = struct.Struct("<IIII")  # record offset, first line, line count, crc32 of the first 12 bytes
 _CANCEL = struct.Struct("<I")  # offset of the cancelled record, in the same segment
 
@@ -262,14 +263,25 @@ class RequestLog:
         seg.refresh_landed()
         return seg
 
+    def _read_next(self) -> int:
+        try:
+            return int((self.dir / NEXT_FILE).read_text().strip() or 1)
+        except (FileNotFoundError, ValueError):
+            return 1
+
     # -- writing (under the caller's lock: the listener's intake lock) ------------------------------
     def _open_segment(self) -> Segment:
         self.dir.mkdir(parents=True, exist_ok=True)
-        number = self._next
+        number = max(self._next, self._read_next())
+        # A segment number is never used twice in a folder, even once every segment is gone:
+        # references, uploaders' open files, journaled intents and `.landed` appends name a
+        # segment by its number, and must never reach another segment by it.
+        sync = self.fsync in ("always", "interval")
+        write_atomically(self.dir / NEXT_FILE, b"%d\n" % (number + 1), fsync=sync)
         path = segment_path(self.logs_dir, self.index, number)
         landed_path(path).touch()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        self._next += 1
+        self._next = number + 1
         seg = Segment(self.index, number, path)
         seg.fd = fd
         if self.fsync in ("always", "interval"):

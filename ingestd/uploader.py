@@ -42,8 +42,10 @@ from .requestlog import Part, append_landed, read_record, segment_path
 from .scoreboard import ChildField, Control, ListenerField, Phase, Role, Scoreboard, UploaderField, now_ms
 from .sinks import KeyMaker, build_sink
 from .spool import Lock, Spool
+from .states import ChildState
 
 log = logging.getLogger(__name__)
+_STATES = list(ChildState)
 
 TAKE_TIMEOUT_S = 0.1  # longest wait on an empty queue: bounds heartbeat, epoch and age checks
 TAKE_MOST = 64  # references read at once
@@ -209,10 +211,14 @@ class Uploader:
         return bool(deadline) and now_ms() >= deadline
 
     def listeners_done(self) -> bool:
-        """Every live listener is quiet (nothing between log and queue) and re-indexed."""
+        """Every listener is quiet (nothing between log and queue) and re-indexed; one that is
+        coming back (a successor adopts the log of a dead one) is waited for."""
         epoch = self.board.epoch
         for i in range(self.board.counts[Role.LISTENER]):
-            pid = self.board.child(Role.LISTENER, i)[ChildField.PID]
+            view = self.board.child(Role.LISTENER, i)
+            if _STATES[view[ChildField.STATE]] in (ChildState.BACKOFF, ChildState.STARTING):
+                return False
+            pid = view[ChildField.PID]
             if not pid:
                 continue
             row = self.board.listener(i)

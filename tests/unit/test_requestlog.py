@@ -169,8 +169,9 @@ def test_segment_rotates_once_it_reaches_segment_bytes(make_log: MakeLog, logs_d
     pos = [write(log, tag, 2) for tag in range(1, 6)]
     assert [p.segment.number for p in pos] == [1, 1, 2, 2, 3]
     assert [p.offset for p in pos] == [0, size, 0, size, 0]
-    assert sorted(p.name for p in (logs_dir / "0").iterdir()) == [
+    assert sorted(p.name for p in (logs_dir / "0").iterdir()) == [".next-segment"] + [
         f"000000000{n}.{ext}" for n in (1, 2, 3) for ext in ("landed", "log")]
+    assert (logs_dir / "0" / ".next-segment").read_text() == "4\n"
     assert [segment_path(logs_dir, 0, n).stat().st_size for n in (1, 2, 3)] == [2 * size, 2 * size, size]
     assert pos[0].segment.rotated and pos[0].segment.closed and pos[0].segment.fd == -1
     assert log.current is pos[4].segment and not pos[4].segment.rotated and pos[4].segment.fd >= 0
@@ -774,3 +775,19 @@ def test_append_cut_short_is_truncated_away_and_the_segment_kept(make_log: MakeL
     assert (b.segment, b.offset) == (seg, a.size)
     assert seg.path.read_bytes() == request_record(T0 + 1, 2, lines(1, 2)) + request_record(T0 + 3, 1, lines(3, 1))
     assert scan(seg.path.read_bytes()).damaged == []
+
+
+def test_segment_numbers_are_never_reused_even_once_every_segment_is_gone(make_log: MakeLog,
+                                                                         lock: threading.Lock) -> None:
+    """References, uploaders' open files, intents and `.landed` appends name a segment by its
+    number: a successor that finds an empty folder must not start again at 1."""
+    old = make_log()
+    a = write(old, 1, 1)
+    old.seal()
+    append_landed(old.logs_dir, [whole(a)])
+    assert old.collect(lock) == a.size and not list(old.dir.glob("*.log"))
+    old.close()
+    successor = make_log()
+    assert successor.adopt(0) == 0
+    b = write(successor, 2, 1)
+    assert b.segment.number == a.segment.number + 1

@@ -531,3 +531,27 @@ def test_run_while_draining_with_no_listener_alive_delivers_what_it_holds_and_re
     assert world.row[UploaderField.RESENT_OBJECTS] == 1
     assert world.queue.depth() == 0 and len(world.uploader.batcher) == 0
     assert world.open_intents() == []
+
+
+def test_at_the_drain_a_listener_coming_back_is_waited_for(world: World) -> None:
+    """A dead listener's successor adopts and re-indexes its log: uploaders must not finish first."""
+    from ingestd.scoreboard import ChildField, ListenerField, Role
+    from ingestd.states import ChildState
+
+    view, row = world.board.child(Role.LISTENER, 0), world.board.listener(0)
+    world.board.control[Control.PHASE] = Phase.DRAINING
+    assert world.uploader.can_finish()  # no listener process: nothing to wait for
+    view[ChildField.STATE] = list(ChildState).index(ChildState.BACKOFF)
+    assert not world.uploader.can_finish()
+    view[ChildField.STATE] = list(ChildState).index(ChildState.RUNNING)
+    view[ChildField.PID] = 4242
+    assert not world.uploader.can_finish()  # alive, not yet quiet
+    row[ListenerField.QUIET_PID] = 4242
+    assert not world.uploader.can_finish()  # quiet, not yet re-indexed for this epoch
+    row[ListenerField.INDEXED_EPOCH] = world.board.epoch
+    assert world.uploader.can_finish()
+    world.board.control[Control.PHASE] = Phase.RUNNING
+    world.log_request([{"n": 1}])
+    assert world.intake.submit(NOW, 1, encode_lines(NOW, None, [{"n": 2}])) is Admission.ACCEPTED
+    world.board.control[Control.PHASE] = Phase.DRAINING
+    assert not world.uploader.can_finish()  # a reference still waits on the queue
