@@ -9,10 +9,10 @@ included, whatever the client's Accept header says.
 from __future__ import annotations
 
 import hmac
-from http import HTTPStatus
 import logging
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 import falcon
@@ -152,7 +152,8 @@ class FastIngest:
     second, is served straight from the WSGI environ; falcon's request and response objects
     cost about a fifth of the handler's time. Everything else goes to the falcon app."""
 
-    def __init__(self, payloads: PayloadsResource, app: falcon.App, intake: Intake, retry_after_s: int) -> None:
+    def __init__(self, payloads: PayloadsResource, app: falcon.App[falcon.Request, falcon.Response], intake: Intake,
+                 retry_after_s: int) -> None:
         self.payloads = payloads
         self.app = app
         self.intake = intake

@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run the daemon in the foreground (the default)")
     sub.add_parser("check-config", help="validate the config file and print the effective config")
     sub.add_parser("replay", help="deliver what sits in the spool (dead letters; with the daemon stopped, also the logs)")
-    for name, sp in sub.choices.items():
+    for sp in sub.choices.values():
         sp.add_argument("--config", default=argparse.SUPPRESS, help="config file")
     return p
 

@@ -184,5 +184,5 @@ class _SnapshotCollector:
 
 def render_metrics(snap: dict[str, Any]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snap))  # type: ignore[arg-type]
+    registry.register(_SnapshotCollector(snap))
     return generate_latest(registry)

@@ -47,6 +47,7 @@ from .refqueue import RefQueue
 from .requestlog import Covered, RequestLog
 from .scoreboard import ChildField, ListenerField, Phase, Role, Scoreboard, UploaderField
 from .spool import Lock, Spool
+from .timing import Every
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +84,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.bind((host, port))
     sock.listen(2048)
     return sock
-
-
-class Every:
-    """True once every `seconds` (monotonic)."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._last = 0.0
-
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if now - self._last >= self.seconds:
-            self._last = now
-            return True
-        return False
 
 
 class Keeper:

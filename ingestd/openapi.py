@@ -22,7 +22,7 @@ def document(config: Config) -> dict[str, Any]:
     retry_after = {"Retry-After": {"description": "seconds to wait before sending again",
                                    "schema": {"type": "integer", "minimum": 0}}}
     health = {"description": "health snapshot", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}}
-    ingest_security = [{"bearer": []}] if config.auth.tokens or config.auth.tokens_file else []
+    ingest_security: list[dict[str, list[str]]] = [{"bearer": []}] if config.auth.tokens or config.auth.tokens_file else []
     return {
         "openapi": "3.0.3",
         "info": {"title": "ingestd", "version": __version__,

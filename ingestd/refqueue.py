@@ -97,11 +97,11 @@ class RefQueue(Queue):  # type: ignore[type-arg]
         os.set_blocking(self._writer.fileno(), False)
         os.set_blocking(self._reader.fileno(), False)
 
-    def __getstate__(self) -> tuple[Any, ...]:
+    def __getstate__(self) -> Any:
         context.assert_spawning(self)  # shared by inheritance at spawn, like any multiprocessing.Queue
         return (self.max_items, self.pipe_bytes, self._reader, self._writer)
 
-    def __setstate__(self, state: tuple[Any, ...]) -> None:
+    def __setstate__(self, state: Any) -> None:
         self.max_items, self.pipe_bytes, self._reader, self._writer = state
         self._maxsize = self.max_items
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.connection
-from multiprocessing import resource_tracker
 import os
 import signal
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from typing import Any, Protocol
 
 from . import __version__
@@ -41,6 +41,7 @@ from .scoreboard import ChildField, Control, ListenerField, Phase, Role, Scorebo
 from .spool import Spool
 from .states import ALLOWED, LIVE, ChildState
 from .systemd import Notifier, watchdog_interval
+from .timing import Every
 from .uploader import run_uploader
 
 log = logging.getLogger(__name__)
@@ -378,7 +379,8 @@ class Supervisor:
             self.spawn(child)
         self.publish()
         watchdog = watchdog_interval(self.environ)
-        last_ping = last_status = 0.0
+        ping_due = Every(watchdog or 0.0, self.clock)
+        status_due = Every(STATUS_EVERY_S, self.clock)
         while True:
             self.wait_for_events()
             while self.signals:
@@ -394,13 +396,10 @@ class Supervisor:
                 self._ready_sent = True
                 self.notifier.ready(f"ready: {self.config.http.listeners} listeners, {self.config.workers.count} uploaders")
                 log.info("ready: every listener and uploader is running")
-            now = self.clock()
-            if self.notifier.enabled and self._ready_sent and now - last_status >= STATUS_EVERY_S:
+            if self.notifier.enabled and self._ready_sent and status_due():
                 self.notifier.status(self.status_line())
-                last_status = now
-            if watchdog and now - last_ping >= watchdog:
+            if watchdog and ping_due():
                 self.notifier.watchdog()
-                last_ping = now
             if self.drain is not None and self.drain.step():
                 break
         self.publish()

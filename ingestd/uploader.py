@@ -43,6 +43,7 @@ from .scoreboard import ChildField, Control, ListenerField, Phase, Role, Scorebo
 from .sinks import KeyMaker, build_sink
 from .spool import Lock, Spool
 from .states import ChildState
+from .timing import Every
 
 log = logging.getLogger(__name__)
 _STATES = list(ChildState)
@@ -234,7 +235,7 @@ class Uploader:
         for intent, journal in resend:
             self.sender.submit(intent, journal, None)
         self.sender.start()
-        last_compact = time.monotonic()
+        housekeeping_due = Every(COMPACT_EVERY_S)
         while True:
             self.row.beat()
             if os.getppid() != self.parent:
@@ -248,10 +249,10 @@ class Uploader:
                     return
                 if self.can_finish():
                     self.hand_over(self.batcher.take_all())
-                    if self.sender.wait_idle(0.1) and not self.sender.deadline_hit:
-                        if self.can_finish() and not len(self.batcher):
-                            log.info("uploader %d: drained, exiting", self.index)
-                            return
+                    idle = self.sender.wait_idle(0.1) and not self.sender.deadline_hit
+                    if idle and self.can_finish() and not len(self.batcher):
+                        log.info("uploader %d: drained, exiting", self.index)
+                        return
                     continue
             if not self.sender.has_room():
                 self.sender.wait_for_room(TAKE_TIMEOUT_S)
@@ -266,8 +267,7 @@ class Uploader:
                 self.close_fds()  # idle: let deleted segments go (tmpfs frees them on the last close)
             self.hand_over(self.batcher.take_ready())
             self._publish()
-            if time.monotonic() - last_compact >= COMPACT_EVERY_S:
-                last_compact = time.monotonic()
+            if housekeeping_due():
                 self.housekeeping()
 
     def _publish(self) -> None:

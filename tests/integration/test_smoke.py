@@ -3,7 +3,7 @@ from __future__ import annotations
 import signal
 from collections import Counter
 
-from tests.harness import payload_ids, post, read_bucket, wait_for
+from tests.harness import payload_ids, post, read_bucket
 
 
 def test_s3_roundtrip_and_sigterm_drain(daemon_factory, s3_tables, s3, bucket):

@@ -24,7 +24,16 @@ from ingestd.intake import Intake
 from ingestd.records import encode_lines, request_record
 from ingestd.refqueue import Ref, RefQueue
 from ingestd.requestlog import Part, RequestLog, read_record, segment_path
-from ingestd.scoreboard import ChildField, Control, ListenerField, Phase, Role, Scoreboard, UploaderField, now_ms
+from ingestd.scoreboard import (
+    ChildField,
+    Control,
+    ListenerField,
+    Phase,
+    Role,
+    Scoreboard,
+    UploaderField,
+    now_ms,
+)
 from ingestd.states import ChildState
 
 NOW = 1764299045.125  # 2025-11-28T03:04:05.125Z

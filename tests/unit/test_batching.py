@@ -11,21 +11,9 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 from ingestd.batching import Batch, Batcher, Piece, split_piece
 from ingestd.requestlog import Part
+from tests.fakes import FakeClock
 
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "ingestd-unit-hypothesis")
-
-
-class FakeClock:
-    """A clock that only moves when the test says so."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def make_piece(offset: int, lines: list[bytes], received_at: float = 1000.0, listener: int = 0,

@@ -3,7 +3,6 @@ quarantine, and the overflow of memory durability to disk and back."""
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import subprocess

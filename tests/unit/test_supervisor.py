@@ -17,13 +17,34 @@ from typing import Any
 
 import pytest
 
-from ingestd.config import Config, HttpConfig, ShutdownConfig, SpoolConfig, WorkersConfig
+from ingestd.config import (
+    Config,
+    HttpConfig,
+    ShutdownConfig,
+    SpoolConfig,
+    WorkersConfig,
+)
 from ingestd.errors import CHILD_EXIT_BOOT_FAILED
 from ingestd.listener import run_listener
-from ingestd.scoreboard import ChildField, Control, ListenerField, Phase, Role, UploaderField, now_ms
+from ingestd.scoreboard import (
+    ChildField,
+    Control,
+    ListenerField,
+    Phase,
+    Role,
+    UploaderField,
+    now_ms,
+)
 from ingestd.states import ALLOWED, ChildState
-from ingestd.supervisor import EXIT_GRACE_S, STABLE_AFTER_S, STRAGGLER_GRACE_S, Child, Supervisor
+from ingestd.supervisor import (
+    EXIT_GRACE_S,
+    STABLE_AFTER_S,
+    STRAGGLER_GRACE_S,
+    Child,
+    Supervisor,
+)
 from ingestd.uploader import run_uploader
+from tests.fakes import FakeClock
 
 UPLOADERS = 2
 LISTENERS = 2
@@ -32,19 +53,6 @@ HEARTBEAT_TIMEOUT_S = 5.0
 BACKOFF_MAX_S = 1.5
 BOOT_FAILURES_FATAL = 3
 S = ChildState
-
-
-class FakeClock:
-    """A monotonic clock that only moves when the test says so."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeProcess:

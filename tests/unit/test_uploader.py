@@ -22,7 +22,14 @@ from typing import Any
 import pytest
 
 from ingestd.batching import Batch
-from ingestd.config import BatchConfig, Config, HttpConfig, SinkConfig, SpoolConfig, WorkersConfig
+from ingestd.config import (
+    BatchConfig,
+    Config,
+    HttpConfig,
+    SinkConfig,
+    SpoolConfig,
+    WorkersConfig,
+)
 from ingestd.delivery import DeadlineReached, Delivery
 from ingestd.errors import PermanentSinkError, RetryableSinkError, SinkError
 from ingestd.intake import Admission, Intake
@@ -34,6 +41,7 @@ from ingestd.scoreboard import Control, Phase, Row, Scoreboard, UploaderField, n
 from ingestd.sinks import KeyMaker
 from ingestd.spool import Spool
 from ingestd.uploader import Uploader
+from tests.fakes import FakeClock
 from tests.harness import wait_for
 
 NOW = 1764299045.125  # 2025-11-28T03:04:05.125Z
@@ -88,14 +96,6 @@ class FakeSink:
     def put_count(self) -> int:
         with self.lock:
             return len(self.puts)
-
-
-class FakeClock:
-    def __init__(self, start: float = NOW) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -174,7 +174,7 @@ def make_world(tmp_path: Path) -> Iterator[Callable[..., World]]:
         delivery = Delivery("uploader 0", sink, spool, KeyMaker("pfx", True, host="testhost"), "gzip", 6,
                             config.sink.retry_base_ms, config.sink.retry_max_ms, row,
                             deadline_ms=lambda: board.control[Control.DEADLINE_MS], alive=row.beat)
-        clock = FakeClock()
+        clock = FakeClock(NOW)
         uploader = Uploader(0, config, queue, board, delivery, [journal], spool, parent=os.getppid(), clock=clock)
         world = World(config, board, queue, spool, log, intake, journal, sink, delivery, uploader, clock)
         worlds.append(world)
