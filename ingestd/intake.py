@@ -1,11 +1,16 @@
 """Admission of one request in a listener: decide, log, index, then (and only then) say 202.
 
-`Intake.submit` is all a request handler does after validation, under one lock per listener:
-refuse when draining or full (queue depth, bytes not yet landed, spool cap or errors), append
-the request to the listener's log, put its reference on the queue. With
-`journal_fsync = "always"` the reference goes out only after the group-commit fdatasync, so
-that a request answered 503 (fsync failed) is never delivered. A request whose reference
-cannot be put is cancelled in the log: every answer but 202 keeps nothing.
+`Intake.submit` is all a request handler does after validation: refuse when draining or full
+(queue depth, bytes not yet landed, spool cap or errors), append the request to the listener's
+log, hand its reference to the listener's `RefWriter`, answer. Only the append holds the
+listener's lock (it decides the record's offset): the record is framed before it, and the
+reference written to the queue's pipe by one writer thread, in batches, so that the handler
+threads make one system call per request (the append), not three, and do not queue up behind
+each other's. A reference waiting in the writer is as safe as one in the pipe: the record is in
+the log, and a listener that dies with references unwritten is re-indexed like any death. With
+`journal_fsync = "always"` the reference is handed over only after the group-commit fdatasync;
+a request whose fdatasync fails is cancelled in the log (a CANCEL record) and answered 503:
+every answer but 202 keeps nothing.
 
 The intake also records the *cut* of each epoch: where in the log the references of the new
 epoch begin. Everything before it is the re-index's to put back (`listener.py`).
@@ -19,14 +24,13 @@ import threading
 import time
 from collections import Counter
 
-from .records import RECORD_OVERHEAD
+from .records import request_record
 from .refqueue import Ref, RefQueue, epoch_tag
 from .requestlog import Pos, RequestLog
 from .scoreboard import Control, ListenerField, Phase, Row, Scoreboard
 
 log = logging.getLogger(__name__)
 
-PUT_PATIENCE_S = 1.0  # "always": how long a logged and synced request waits for room on the queue
 
 
 class Admission(enum.Enum):
@@ -34,6 +38,63 @@ class Admission(enum.Enum):
     FULL = "full"  # queue, or bytes accepted and not yet landed
     SPOOL = "spool"  # the log cannot be written (disk full, I/O error, spool cap)
     DRAINING = "draining"
+
+
+class RefWriter(threading.Thread):
+    """Writes the listener's references to the queue's pipe, many per system call."""
+
+    def __init__(self, queue: RefQueue) -> None:
+        super().__init__(name="ref-writer", daemon=True)
+        self.queue = queue
+        self._cond = threading.Condition()
+        self._refs: list[Ref] = []
+        self._writing = 0
+        self._closing = False
+        self.depth = 0  # the pipe's depth after the last write (or the keeper's last look)
+
+    def put(self, ref: Ref) -> None:
+        with self._cond:
+            self._refs.append(ref)
+            if len(self._refs) == 1:
+                self._cond.notify()
+
+    @property
+    def backlog(self) -> int:
+        """References handed over and not yet in the pipe."""
+        with self._cond:
+            return len(self._refs) + self._writing
+
+    def wait_flushed(self, timeout: float) -> bool:
+        """Until every reference handed over is in the pipe (or `timeout`)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._refs and not self._writing, timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is handed over, then stop (tests; a listener just exits)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self.join(timeout)
+
+    def run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._refs) or self._closing)
+                if not self._refs:
+                    return
+                refs, self._refs = self._refs, []
+                self._writing = len(refs)
+            done = 0
+            while True:
+                done += self.queue.put_many(refs[done:])
+                with self._cond:
+                    self._writing = len(refs) - done
+                    if done == len(refs):
+                        self._cond.notify_all()  # wait_flushed
+                if done == len(refs):
+                    break
+                time.sleep(0.001)  # the pipe is full: uploaders make room (admission keeps this bounded)
+            self.depth = self.queue.depth()
 
 
 class Intake:
@@ -53,69 +114,74 @@ class Intake:
         self.draining = False
         self.blocked: str | None = None  # why the spool cannot take requests now (set by the keeper too)
         self.others_bytes = 0  # LOG_BYTES of the other listeners, refreshed by the keeper
-        self._pending: Counter[int] = Counter()  # epoch -> requests logged, reference not yet put
+        self._pending: Counter[int] = Counter()  # "always": epoch -> requests logged, not yet synced
+        self.writer = RefWriter(queue)
+        self.writer.start()
+
+    def queue_full(self) -> bool:
+        """Room for one more reference? The writer's last look first; the pipe itself before a no."""
+        writer = self.writer
+        if writer.depth + writer.backlog < self.max_items:
+            return False
+        writer.depth = self.queue.depth()
+        return writer.depth + writer.backlog >= self.max_items
 
     def submit(self, received_at: float, count: int, lines: bytes) -> Admission:
         board = self.board
         if board.control[Control.PHASE] != Phase.RUNNING:
             return Admission.DRAINING
+        if self.blocked:
+            return self._refused(Admission.SPOOL)
+        if self.queue_full():  # racy by a few requests across listeners: a bound, not a count
+            return self._refused(Admission.FULL)
+        record = request_record(received_at, count, lines)  # framed and checksummed outside the lock
         with self.lock:
             if self.draining:
                 return Admission.DRAINING
-            if self.blocked:
-                self.row.add(ListenerField.OVERLOAD_REJECTIONS)
-                return Admission.SPOOL
-            if (self.queue.depth() >= self.max_items
-                    or self.log.total_bytes + self.others_bytes + RECORD_OVERHEAD + len(lines) > self.max_bytes):
+            if self.log.total_bytes + self.others_bytes + len(record) > self.max_bytes:
                 self.row.add(ListenerField.OVERLOAD_REJECTIONS)
                 return Admission.FULL
             epoch = board.control[Control.EPOCH]
             if epoch != self.epoch:
                 self.epoch, self.cut = epoch, self.log.position()
             try:
-                pos = self.log.append(received_at, count, lines)
+                pos = self.log.append(record, count)
             except OSError as e:
                 self._write_failed(e)
                 return Admission.SPOOL
-            self.row[ListenerField.SPOOL_ERROR] = 0
-            ref = Ref(self.index, epoch_tag(epoch), pos.segment.number, pos.offset, pos.size, 0, count)
             if not self.always_sync:
-                if self.queue.try_put(ref):
-                    return self._accepted(pos, count)
-                self.log.cancel(pos, may_truncate=True)  # the lock was held since the append
-                self.row.add(ListenerField.OVERLOAD_REJECTIONS)
-                return Admission.FULL
-            self._pending[epoch] += 1
-            upto = self.log.written
-        return self._sync_and_put(pos, ref, epoch, upto, count)
-
-    def _sync_and_put(self, pos: Pos, ref: Ref, epoch: int, upto: int, count: int) -> Admission:
-        try:
-            self.log.commit(upto)
-            ok = self.queue.try_put(ref)
-            deadline = time.monotonic() + PUT_PATIENCE_S
-            while not ok and time.monotonic() < deadline:
-                time.sleep(0.002)
-                ok = self.queue.try_put(ref)
-        except OSError as e:
+                self._accepted(pos, count)
+            else:
+                self._pending[epoch] += 1
+                upto = self.log.written
+        ref = Ref(self.index, epoch_tag(epoch), pos.segment.number, pos.offset, pos.size, 0, count)
+        if self.always_sync:
+            try:
+                self.log.commit(upto)  # group commit: one fdatasync for every thread that wrote before it
+            except OSError as e:
+                with self.lock:
+                    self._pending[epoch] -= 1
+                    self.log.cancel(pos)
+                    self._write_failed(e)
+                return Admission.SPOOL
             with self.lock:
                 self._pending[epoch] -= 1
-                self.log.cancel(pos)
-                self._write_failed(e)
-            return Admission.SPOOL
-        with self.lock:
-            self._pending[epoch] -= 1
-            if ok:
-                return self._accepted(pos, count)
-            self.log.cancel(pos)
-            self.row.add(ListenerField.OVERLOAD_REJECTIONS)
-            return Admission.FULL
+                self._accepted(pos, count)
+        self.writer.put(ref)
+        return Admission.ACCEPTED
 
-    def _accepted(self, pos: Pos, count: int) -> Admission:
-        self.log.put_done(pos)
+    def _refused(self, why: Admission) -> Admission:
+        with self.lock:
+            self.row.add(ListenerField.OVERLOAD_REJECTIONS)
+        return why
+
+    def _accepted(self, pos: Pos, count: int) -> None:
+        """Under the lock: the request is logged (and synced as the policy asks)."""
+        if self.row[ListenerField.SPOOL_ERROR]:
+            self.row[ListenerField.SPOOL_ERROR] = 0
+        self.log.put_done(pos)  # nothing can cancel it any more
         self.row.add(ListenerField.ACCEPTED_REQUESTS)
         self.row.add(ListenerField.ACCEPTED_PAYLOADS, count)
-        return Admission.ACCEPTED
 
     def _write_failed(self, e: OSError) -> None:
         self.row[ListenerField.SPOOL_ERROR] = e.errno or 5
@@ -130,13 +196,15 @@ class Intake:
 
     # -- for the keeper ----------------------------------------------------------------------------
     def pending_before(self, epoch: int) -> int:
-        """Requests of epochs other than `epoch` logged and not yet put or cancelled."""
+        """Requests of epochs other than `epoch` logged and not yet synced ("always")."""
         with self.lock:
             return sum(n for e, n in self._pending.items() if e != epoch)
 
     def pending(self) -> int:
+        """Requests logged whose reference is not yet in the pipe."""
         with self.lock:
-            return sum(self._pending.values())
+            waiting = sum(self._pending.values())
+        return waiting + self.writer.backlog
 
     def begin_epoch(self, epoch: int) -> tuple[int, int]:
         """Adopt `epoch` now if no request did; return its cut."""

@@ -1,8 +1,9 @@
 """The listener process: the Falcon app on waitress, its request log, and its keeper.
 
-`run_listener` is the process target. The supervisor binds the listening socket once and hands
-it to every listener (as gunicorn's arbiter does), so the port and its accept backlog outlive
-any one listener. Each listener:
+`run_listener` is the process target. Each listener binds its own socket on the port with
+SO_REUSEPORT, so the kernel spreads connections evenly over the listeners that are up (one
+shared socket lets whichever process polls first take most of them); the supervisor holds a
+bound, non-listening socket of the same group that reserves the port. Each listener:
 
 - serves HTTP in waitress' threads; the ingest handler calls `Intake.submit` (log, then queue);
 - runs the *keeper* in its main thread, every 50 ms:
@@ -77,12 +78,18 @@ def create_server(app: Any, config: Config, sock: socket.socket) -> Any:
     )
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, listen: bool = True) -> socket.socket:
+    """A socket of the port's SO_REUSEPORT group: each listener has its own, so the kernel
+    spreads new connections evenly over the listeners that are up (a dead one's socket closes
+    with it and leaves the group). The supervisor binds one without listening, which reserves
+    the port (and finds it for port 0) and receives no connection."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after any exit
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
+    if listen:
+        sock.listen(2048)
     return sock
 
 
@@ -164,6 +171,7 @@ class Keeper:
         if any(r[UploaderField.DEAD_LETTER_BLOCKED] for r in self.board.rows(Role.UPLOADER)):
             reasons.append("dead letters cannot be written")
         intake.blocked = "; ".join(reasons) or None
+        intake.writer.depth = self.queue.depth()  # what uploaders took meanwhile (and other listeners put)
         intake.others_bytes = sum(r[ListenerField.LOG_BYTES] for i, r in enumerate(self.board.rows(Role.LISTENER))
                                   if i != self.index)
 
@@ -230,7 +238,7 @@ def adopt_logs(log_: RequestLog, spool: Spool, index: int, count: int, held: lis
     return found
 
 
-def run_listener(index: int, config: Config, queue: RefQueue, board: Scoreboard, sock: socket.socket) -> None:
+def run_listener(index: int, config: Config, queue: RefQueue, board: Scoreboard, host: str, port: int) -> None:
     """Process target of listener `index`."""
     spool = Spool(config.spool)
     held = [spool.child_lock(f"listener-{index}")]
@@ -250,6 +258,11 @@ def run_listener(index: int, config: Config, queue: RefQueue, board: Scoreboard,
                     always_sync=sp.on_disk and sp.journal_fsync == "always")
     health = Health(board, queue, config, intake, supervisor_pid=parent)
     app = create_app(config, intake, health, bearer_tokens(config.auth))
+    try:
+        sock = bind_socket(host, port)
+    except OSError:
+        log.exception("listener %d: cannot listen on %s:%d", index, host, port)
+        sys.exit(CHILD_EXIT_BOOT_FAILED)
     server = create_server(app, config, sock)
     keeper = Keeper(index, config, intake, board, spool, queue)
     row[ListenerField.LOG_BYTES] = request_log.total_bytes

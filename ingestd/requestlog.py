@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from .records import HEADER, Kind, frame, parse_request, request_record, scan, slice_lines
+from .records import HEADER, Kind, frame, parse_request, scan, slice_lines
 from .refqueue import Ref
 from .spool import fsync_dir, write_atomically
 
@@ -307,9 +307,10 @@ class RequestLog:
             os.close(seg.fd)
             seg.fd = -1
 
-    def append(self, received_at: float, count: int, lines: bytes) -> Pos:
-        """Write one request record. On failure nothing of it stays in the log (or the segment
-        is abandoned and its torn tail cut on recovery) and OSError is raised."""
+    def append(self, data: bytes, count: int) -> Pos:
+        """Write one request record (`records.request_record`). On failure nothing of it stays
+        in the log (or the segment is abandoned and its torn tail cut on recovery) and OSError
+        is raised."""
         seg = self.current
         if seg is not None and seg.size and (
             seg.size >= self.segment_bytes or time.monotonic() - seg.opened >= SEGMENT_MAX_AGE_S):
@@ -317,7 +318,6 @@ class RequestLog:
             seg = None
         if seg is None:
             seg = self._open_segment()
-        data = request_record(received_at, count, lines)
         start = seg.size
         try:
             n = os.write(seg.fd, data)

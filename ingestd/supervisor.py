@@ -1,7 +1,6 @@
 """The supervisor: a pure arbiter that owns the processes, the signals and the drain.
 
-Shaped like gunicorn's arbiter: it binds the listening socket once, spawns the listener and
-uploader processes, and then runs one control loop: wait for a signal or a child's death,
+Shaped like gunicorn's arbiter: it reserves the port, spawns the listener and uploader processes, and then runs one control loop: wait for a signal or a child's death,
 handle signals, reap children and restart them with backoff, kill a child whose heartbeat
 stopped, step the drain, tell systemd. It never serves a request and never touches a payload.
 
@@ -170,7 +169,8 @@ class Supervisor:
         self.exit_code = EXIT_OK
         self.drain: Drain | None = None
         self.queue: RefQueue | None = None
-        self.sock: socket.socket | None = None
+        self.sock: socket.socket | None = None  # reserves the port (bound, not listening)
+        self.address = ("", 0)
         self._wake_r, self._wake_w = socket.socketpair()
         self._ready_sent = False
 
@@ -213,7 +213,7 @@ class Supervisor:
         if child.role is Role.UPLOADER:
             target, args = run_uploader, (child.index, self.config, self.queue, self.board)
         else:
-            target, args = run_listener, (child.index, self.config, self.queue, self.board, self.sock)
+            target, args = run_listener, (child.index, self.config, self.queue, self.board, *self.address)
         child.process = self.start_process(target, args, f"ingestd-{child.role.value}-{child.index}")
         child.started_at = self.clock()
         child.transition(ChildState.STARTING)
@@ -359,11 +359,12 @@ class Supervisor:
         self.queue = RefQueue(self.config.queue.max_items, ctx=self.ctx)
         host, port = parse_listen(self.config.http.listen)
         try:
-            self.sock = bind_socket(host, port)
+            self.sock = bind_socket(host, port, listen=False)
         except OSError as e:
             log.critical("cannot listen on %s: %s", self.config.http.listen, e)
             return EXIT_STARTUP
         bound_host, bound_port = self.sock.getsockname()[:2]
+        self.address = (host, bound_port)
         c = self.config
         log.info("ingestd %s listening on http://%s:%s (%d listeners, %d uploaders, sink %s, durability %s, logs in %s)",
                  __version__, bound_host, bound_port, c.http.listeners, c.workers.count, c.sink.kind,

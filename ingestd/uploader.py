@@ -50,6 +50,7 @@ _STATES = list(ChildState)
 
 TAKE_TIMEOUT_S = 0.1  # longest wait on an empty queue: bounds heartbeat, epoch and age checks
 TAKE_MOST = 64  # references read at once
+GATHER_S = 0.005  # after a small take, how long to let references gather
 FD_CACHE = 32
 COMPACT_EVERY_S = 1.0
 
@@ -265,6 +266,10 @@ class Uploader:
                 self.add(ref)
             if not refs:
                 self.close_fds()  # idle: let deleted segments go (tmpfs frees them on the last close)
+            elif len(refs) < TAKE_MOST // 2:
+                # a trickle: let references gather for a moment rather than wake (with the other
+                # uploaders) for each one; objects wait for batch.max_age_ms anyway
+                time.sleep(GATHER_S)
             self.hand_over(self.batcher.take_ready())
             self._publish()
             if housekeeping_due():

@@ -73,7 +73,7 @@ Plus ingestd-only phases:
   (target: only 202 and 503), socket errors, the overload factor (requests offered / requests
   delivered per second), RSS growth of the tree from the warmed baseline to the peak (target
   < 50 MB). The slow null S3 is stopped before ingestd so that its drain ends quickly.
-- profile (only with --profile): py-spy record --gil on the supervisor under 1-payload load for
+- profile (only with --profile): py-spy record --gil on listener 0 under 1-payload load for
   --profile-seconds; top frames by self and inclusive time, and self time per component
   (waitress, falcon, ingestd, logging, multiprocessing, ...); --profile-uploader adds one
   uploader. The raw collapsed stacks stay in logs/<stamp>/.
@@ -904,7 +904,7 @@ class Bench:
 
     # -- optional py-spy profile --------------------------------------------------------------------
     def profile_phase(self) -> None:
-        """py-spy on the supervisor (and with --profile-uploader on one uploader too) under 1-payload load."""
+        """py-spy on listener 0 (and with --profile-uploader on uploader 0 too) under 1-payload load."""
         a = self.args
         assert self.nulls3 is not None
         pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -913,18 +913,21 @@ class Bench:
             return
         name = "profile-ingestd-1"
         srv = self.start_ingestd(name, "ingestd-default.toml", self.nulls3)
-        kids = [p for p in tree(srv.pid)[1:] if "resource_tracker" not in " ".join(p.cmdline())]
-        targets = {"supervisor": srv.pid}
-        if kids and a.profile_uploader:
-            targets["uploader"] = kids[0].pid
+        # the process that serves HTTP: listener 0 (the supervisor itself in builds before the
+        # pure arbiter, whose /health lists it as listener 0), and with --profile-uploader uploader 0
+        health = json.loads(http_get(srv.port, "/health")[1])
+        targets = {"listener": health["listeners"][0]["pid"] or srv.pid}
+        if a.profile_uploader and health.get("workers"):
+            targets["uploader"] = health["workers"][0]["pid"]
         raws = {role: self.logdir / f"py-spy-{role}.txt" for role in targets}
         holder: dict[str, Any] = {}
         try:
             secs = a.profile_seconds
             load_secs = secs + 3
-            progress(f"profile: {load_secs}s of 1-payload load; py-spy record for {secs}s on "
+            progress(f"profile: {load_secs}s of {a.profile_payloads}-payload load; py-spy record for {secs}s on "
                      + ", ".join(f"{k} (pid {v})" for k, v in targets.items()))
-            t = threading.Thread(target=lambda: holder.update(r=self.load.run(srv.url, self.bodies[1], load_secs)))
+            body = self.bodies[a.profile_payloads]
+            t = threading.Thread(target=lambda: holder.update(r=self.load.run(srv.url, body, load_secs)))
             t.start()
             time.sleep(1.5)
             cpu0 = _cpu_split(srv.pid)
@@ -1352,10 +1355,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-duration", type=int, help="seconds (default 8, quick 4)")
     p.add_argument("--latency-calibrate", type=int, help="seconds of the calibration run (default 2, quick 1)")
     p.add_argument("--latency-connections", type=int, default=16)
-    p.add_argument("--profile", action="store_true", help="also profile the ingestd supervisor with py-spy at 1p")
+    p.add_argument("--profile", action="store_true", help="also profile an ingestd listener with py-spy at 1p")
     p.add_argument("--profile-seconds", type=int, default=10)
     p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument("--profile-uploader", action="store_true", help="also py-spy one uploader, at the same time")
+    p.add_argument("--profile-payloads", type=int, choices=(1, 10), default=1, help="payloads per request while profiling")
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     a = p.parse_args(argv)
     q = a.quick

@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,7 @@ class Daemon:
         return Stored(ref, got[0], got[1])
 
     def kept(self) -> Kept:
+        assert self.intake.writer.wait_flushed(5), "the listener's references never reached the queue"
         files = {p.name: p.read_bytes() for p in sorted(self.log.dir.glob("*.log"))} if self.log.dir.exists() else {}
         return Kept(self.queue.depth(), self.log.total_bytes, files, self.log.uncovered({}, None, self.intake.lock))
 
@@ -109,7 +111,7 @@ class Daemon:
 @pytest.fixture
 def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     ctx = multiprocessing.get_context("spawn")
-    opened: list[tuple[RefQueue, RequestLog]] = []
+    opened: list[tuple[Intake, RefQueue, RequestLog]] = []
 
     def make(max_items: int = 10, tokens: tuple[str, ...] = (), queue_max_bytes: int = 1 << 20,
              intake_max_items: int | None = None) -> Daemon:
@@ -133,8 +135,8 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             board.listener(i)[ListenerField.SERVING_PID] = pid
         queue = RefQueue(max_items, ctx=ctx)
         log = RequestLog(tmp_path / f"logs-{len(opened)}", 0, "none", 1 << 20)
-        opened.append((queue, log))
         intake = Intake(0, log, queue, board, intake_max_items or max_items, queue_max_bytes, always_sync=False)
+        opened.append((intake, queue, log))
         health = Health(board, queue, config, intake, supervisor_pid=pid)
         app = create_app(config, intake, health, tokens, clock=lambda: NOW)
         return Daemon(app, testing.TestClient(app), config, queue, log, intake, board, health)
@@ -142,7 +144,8 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     try:
         yield make
     finally:
-        for queue, log in opened:
+        for intake, queue, log in opened:
+            intake.writer.close()
             queue.close()
             log.close()
 
@@ -514,26 +517,27 @@ def test_a_blocked_spool_is_503_naming_the_cause_and_keeps_nothing(daemon: Daemo
     assert daemon.post({"data": [{}]}).status_code == 202
 
 
-def test_request_whose_reference_cannot_be_put_is_cancelled_in_the_log(make_daemon: Callable[..., Daemon]) -> None:
-    # the intake's bound is above what the pipe holds, so the request is logged before the put fails
+def test_a_reference_waits_in_the_writer_while_the_pipe_is_full_then_reaches_the_queue(
+        make_daemon: Callable[..., Daemon]) -> None:
+    # the intake's bound is above what the pipe holds: the request is logged, so it is accepted,
+    # and its reference waits in the listener's writer until uploaders make room
     d = make_daemon(max_items=10, intake_max_items=10**6)
-    assert d.post({"data": [{"n": 1}]}).status_code == 202
-    kept_ref = d.taken().ref
-    before = d.kept()
     filled = fill_the_pipe(d.queue)
-    body = assert_503(d.post({"data": [{"n": 2}, {"n": 3}]}))
-    assert "full" in body["description"]
-    after = d.kept()
-    assert (after.log_bytes, after.files, after.parts) == (before.log_bytes, before.files, before.parts)
-    assert after.depth == filled
-    assert d.counters()["overload_rejections"] == 1
-    while d.queue.take(4096, 0):
-        pass
-    assert d.post({"data": [{"n": 4}]}).status_code == 202
-    stored = d.taken()
-    assert stored.ref.offset == kept_ref.offset + kept_ref.length  # written where the cancelled one was
-    assert payloads(stored) == [{"n": 4}]
-    assert d.counters()["accepted_payloads"] == 2
+    assert d.post({"data": [{"n": 2}, {"n": 3}]}).status_code == 202
+    assert not d.intake.writer.wait_flushed(0.05) and d.intake.writer.backlog == 1
+    assert d.queue.depth() == filled
+    found: list[Ref] = []
+    deadline = time.monotonic() + 5
+    while not found and time.monotonic() < deadline:  # an uploader taking: the writer gets room
+        found = [r for r in d.queue.take(4096, 0.1) if r.listener == 0]
+    assert len(found) == 1 and d.intake.writer.wait_flushed(5)
+    fd = os.open(segment_path(d.log.logs_dir, 0, found[0].segment), os.O_RDONLY)
+    try:
+        got = read_record(fd, found[0])
+    finally:
+        os.close(fd)
+    assert got is not None and [orjson.loads(ln)["payload"] for ln in got[1].splitlines()] == [{"n": 2}, {"n": 3}]
+    assert d.counters()["accepted_payloads"] == 2 and d.counters()["overload_rejections"] == 0
 
 
 # -- health --------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def lock() -> threading.Lock:
 
 def write(log: RequestLog, tag: int, n: int, done: bool = True) -> Pos:
     """Append request `tag` of `n` lines; `done`: its reference is on the queue."""
-    pos = log.append(T0 + tag, n, lines(tag, n))
+    pos = log.append(request_record(T0 + tag, n, lines(tag, n)), n)
     if done:
         log.put_done(pos)
     return pos
@@ -112,8 +112,8 @@ def read_at(path: Path, ref: Ref) -> tuple[float, bytes] | None:
 
 def test_appended_requests_are_readable_where_append_says(make_log: MakeLog, logs_dir: Path) -> None:
     log = make_log()
-    a = log.append(T0, 2, lines(1, 2))
-    b = log.append(T0 + 1, 3, lines(2, 3))
+    a = log.append(request_record(T0, 2, lines(1, 2)), 2)
+    b = log.append(request_record(T0 + 1, 3, lines(2, 3)), 3)
     assert (a.segment.number, a.offset, a.size, a.count) == (1, 0, record_size(1, 2), 2)
     assert (b.segment, b.offset, b.size, b.count) == (a.segment, a.size, record_size(2, 3), 3)
     path = segment_path(logs_dir, 0, 1)
@@ -205,7 +205,7 @@ def test_rotate_if_old_rotates_only_an_old_segment_with_something_in_it(make_log
     a.segment.opened -= SEGMENT_MAX_AGE_S
     log.rotate_if_old()
     assert log.current is None and a.segment.closed
-    b = log.append(T0, 1, lines(2, 1))
+    b = log.append(request_record(T0, 1, lines(2, 1)), 1)
     log.cancel(b, may_truncate=True)  # the last record: cut, so the new segment is empty again
     assert b.segment.size == 0
     b.segment.opened -= SEGMENT_MAX_AGE_S
@@ -596,7 +596,7 @@ def test_uncovered_never_returns_a_request_appended_after_the_cut(make_log: Make
     # it; a re-index takes its cut meanwhile and waits for b, which the full queue refuses
     log = make_log()
     a = write(log, 1, 1)
-    b = log.append(T0 + 2, 2, lines(2, 2))
+    b = log.append(request_record(T0 + 2, 2, lines(2, 2)), 2)
     cut = log.position()
     log.cancel(b)
     c = write(log, 3, 1)  # a request of the new epoch: its handler puts its reference itself
@@ -743,7 +743,7 @@ def test_append_that_fails_leaves_nothing_of_its_record(make_log: MakeLog, logs_
     os.dup2(ro, seg.fd)
     os.close(ro)
     with pytest.raises(OSError):
-        log.append(T0, 3, lines(2, 3))
+        log.append(request_record(T0, 3, lines(2, 3)), 3)
     assert seg.path.read_bytes() == request_record(T0 + 1, 2, lines(1, 2))
     assert list(seg.offsets) == [0] and seg.total_lines == 2 and log.total_bytes == a.size
     assert seg.rotated and seg.closed  # abandoned: nothing is appended to it again
@@ -765,7 +765,7 @@ def test_append_cut_short_is_truncated_away_and_the_segment_kept(make_log: MakeL
     resource.setrlimit(resource.RLIMIT_FSIZE, (a.size + 5, hard))
     try:
         with pytest.raises(OSError):
-            log.append(T0, 3, lines(2, 3))
+            log.append(request_record(T0, 3, lines(2, 3)), 3)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, old_handler)

@@ -194,6 +194,7 @@ def make_world(tmp_path: Path) -> Iterator[Callable[..., World]]:
             w.uploader.close_fds()
             w.journal.close()
             w.log.close()
+            w.intake.writer.close()
             w.queue.close()
 
 
@@ -514,6 +515,7 @@ def test_run_while_draining_with_no_listener_alive_delivers_what_it_holds_and_re
         lines = encode_lines(NOW, None, [{"n": n}])
         assert world.intake.submit(NOW, 1, lines) is Admission.ACCEPTED
         queued.append(lines)
+    assert world.intake.writer.wait_flushed(5)
     assert world.queue.depth() == 2
     world.board.control[Control.PHASE] = Phase.DRAINING
     thread = threading.Thread(target=world.uploader.run, args=(resend,), name="uploader-under-test")
@@ -553,5 +555,6 @@ def test_at_the_drain_a_listener_coming_back_is_waited_for(world: World) -> None
     world.board.control[Control.PHASE] = Phase.RUNNING
     world.log_request([{"n": 1}])
     assert world.intake.submit(NOW, 1, encode_lines(NOW, None, [{"n": 2}])) is Admission.ACCEPTED
+    assert world.intake.writer.wait_flushed(5)
     world.board.control[Control.PHASE] = Phase.DRAINING
     assert not world.uploader.can_finish()  # a reference still waits on the queue
