@@ -9,6 +9,7 @@ the status "degraded": buffering through an outage is the point.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,8 @@ class Health:
         for x, row in zip(listeners, board.rows(Role.LISTENER)):
             x["serving"] = bool(x["pid"]) and row[ListenerField.SERVING_PID] == x["pid"]
             x["accepted_requests"] = row[ListenerField.ACCEPTED_REQUESTS]
+            err = row[ListenerField.SPOOL_ERROR]
+            x["log_error"] = os.strerror(err) if err else None
         live = {w["pid"] for w in uploaders + listeners if w["pid"]} | {self._supervisor_pid}
         for pid in list(self._procs):
             if pid not in live:
@@ -82,7 +85,12 @@ class Health:
         log_bytes = board.total(Role.LISTENER, ListenerField.LOG_BYTES)
         sink_failing = any(r[UploaderField.LAST_FAIL_MS] > r[UploaderField.LAST_OK_MS] for r in board.rows(Role.UPLOADER))
         full = depth >= self.capacity or log_bytes >= self.max_bytes
-        blocked = self.intake.blocked if self.intake is not None else None
+        # every listener's log errors (whichever listener answers, the same readiness), plus what
+        # this one refuses requests for (the spool cap, dead letters that cannot be written)
+        blocked = "; ".join([f"listener {x['index']}: request log not writable ({x['log_error']})"
+                             for x in listeners if x["log_error"]]
+                            + [why for why in ((self.intake.blocked if self.intake else None) or "").split("; ")
+                               if why and not why.startswith("request log not writable")]) or None
         draining = board.phase is not Phase.RUNNING
         reasons = []
         if draining:

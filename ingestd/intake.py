@@ -117,11 +117,15 @@ class Intake:
         self._pending: Counter[int] = Counter()  # "always": epoch -> requests logged, not yet synced
         self.writer = RefWriter(queue)
         self.writer.start()
+        # what other listeners may have put since the writer last looked
+        self._margin = max(64, max_items // 4)
 
     def queue_full(self) -> bool:
-        """Room for one more reference? The writer's last look first; the pipe itself before a no."""
+        """Room for one more reference? Far from the bound, the writer's last look at the pipe
+        (after its last write, at most a tick old) answers without a system call; near it, the
+        pipe itself does, so the bound holds up to the requests under way at that instant."""
         writer = self.writer
-        if writer.depth + writer.backlog < self.max_items:
+        if writer.depth + writer.backlog + self._margin < self.max_items:
             return False
         writer.depth = self.queue.depth()
         return writer.depth + writer.backlog >= self.max_items

@@ -46,7 +46,7 @@ from .intake import Intake
 from .journal import read_all_intents
 from .refqueue import RefQueue
 from .requestlog import Covered, RequestLog
-from .scoreboard import ChildField, ListenerField, Phase, Role, Scoreboard, UploaderField
+from .scoreboard import ChildField, ListenerField, Phase, Role, Scoreboard, UploaderField, now_ms
 from .spool import Lock, Spool
 from .timing import Every
 
@@ -161,8 +161,12 @@ class Keeper:
             self.row[ListenerField.SPOOL_ERROR] = 0
             log.info("listener %d: the request log is writable again", self.index)
         if self.usage_due():
-            used = self.spool.used_bytes()
-            self.cap_blocked = used >= self.config.spool.max_bytes
+            self.row[ListenerField.SPOOL_USED] = self.spool.used_bytes()
+        # the largest of every live listener's last look: all refuse (and /health agrees) together
+        fresh = now_ms() - 3000
+        used = max([r[ListenerField.SPOOL_USED] for r in self.board.rows(Role.LISTENER)
+                    if r[ListenerField.HEARTBEAT_MS] > fresh] + [self.row[ListenerField.SPOOL_USED]])
+        self.cap_blocked = used >= self.config.spool.max_bytes
         reasons = []
         if self.row[ListenerField.SPOOL_ERROR]:
             reasons.append("request log not writable")

@@ -64,6 +64,7 @@ class ListenerField(enum.IntEnum):
     SPOOL_ERROR = 9  # 0, or the errno of the last failed log write (until a write succeeds)
     REINDEXED_PAYLOADS = 10  # payloads put back on the queue by re-indexes
     QUARANTINED_BYTES = 11  # damaged bytes found in log files
+    SPOOL_USED = 12  # bytes under spool.path at this listener's last look (once a second)
 
 
 class UploaderField(enum.IntEnum):

@@ -141,11 +141,18 @@ def test_a_log_folder_that_refuses_writes_answers_503_then_resumes(daemon_factor
     ledger = Ledger()
     ledger.send_many(d.url, unique_prefix("before"), 30, 2, pad=100)
     assert ledger.statuses == {202: 30}, ledger.statuses
-    folders = [p for p in (fs.path / "logs").iterdir() if p.is_dir()]
+    logs = fs.path / "logs"
+    folders = [logs, *(p for p in logs.iterdir() if p.is_dir())]
     for folder in folders:
-        os.chmod(folder, 0o555)  # the next segment cannot be created (within a second)
+        os.chmod(folder, 0o555)  # the next segment (a second at most) cannot be created
     denied = unique_prefix("denied")
-    wait_for(lambda: ledger.send(d.url, [f"{denied}-{sum(ledger.statuses.values())}"]) == 503, 10, "the first 503")
+
+    def every_listener_refused() -> bool:
+        ledger.send(d.url, [f"{denied}-{sum(ledger.statuses.values())}"])  # the kernel spreads them
+        health = d.health()
+        return all(x["log_error"] for x in health["listeners"]) and not health["ready"]
+
+    wait_for(every_listener_refused, 15, "every listener to find its log folder refusing writes")
     assert_refusing(d, ledger, unique_prefix("still-denied"), "request log not writable")
     for folder in folders:
         os.chmod(folder, 0o755)
