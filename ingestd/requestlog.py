@@ -6,7 +6,8 @@ requests are appended to it, *rotated* after `spool.segment_bytes` or a second, 
 once no request of it is still on its way to the queue. Beside each segment, uploaders append
 to `<segment>.landed` what of it has landed (`append_landed`): fixed 16-byte entries (record
 offset, first line, line count, CRC), so concurrent appends never interleave and a bad entry
-is skipped on its own. A closed segment whose every payload line has landed (or was cancelled)
+is skipped on its own (readers resynchronize after garbage, byte by byte). A closed segment
+whose every payload line has landed (or was cancelled)
 is deleted by its listener: nothing is deleted because it was *taken*, only because it *landed*.
 
 The listener keeps an index of its records in memory (offset, size, lines), so a re-index
@@ -142,6 +143,12 @@ class Segment:
         return self.rotated and self.pending == 0
 
     def refresh_landed(self) -> None:
+        """Read what was appended to the `.landed` file since the last call.
+
+        Entries carry their own checksum. Garbage (a power cut, a torn write, anything) is
+        skipped byte by byte until a valid entry starts again, so entries appended after it by
+        uploaders, which cannot know of it, are still read: a part recorded as landed is never
+        missed (a re-index would send it twice)."""
         lpath = landed_path(self.path)
         try:
             with open(lpath, "rb") as f:
@@ -149,15 +156,18 @@ class Segment:
                 data = f.read()
         except FileNotFoundError:
             return
-        usable = len(data) - len(data) % _LANDED.size
-        for i in range(0, usable, _LANDED.size):
+        size = _LANDED.size
+        i = 0
+        while i + size <= len(data):
             offset, first, count, crc = _LANDED.unpack_from(data, i)
             if zlib.crc32(data[i : i + 12]) != crc:
-                continue  # garbage left by a power cut: entries are fixed-size, so the next is intact
+                i += 1  # resynchronize
+                continue
             if (offset, first) not in self.landed:
                 self.landed[(offset, first)] = count
                 self.landed_lines += count
-        self.landed_pos += usable
+            i += size
+        self.landed_pos += i  # a partial entry at the end is read again next time
 
     @property
     def complete(self) -> bool:

@@ -791,3 +791,23 @@ def test_segment_numbers_are_never_reused_even_once_every_segment_is_gone(make_l
     assert successor.adopt(0) == 0
     b = write(successor, 2, 1)
     assert b.segment.number == a.segment.number + 1
+
+
+def test_landed_entries_appended_after_garbage_of_any_length_are_still_read(make_log: MakeLog,
+                                                                            lock: threading.Lock) -> None:
+    """Uploaders cannot know of a torn tail in a `.landed` file and append after it: a part they
+    record there must still count as landed (else a re-index sends it twice)."""
+    log = make_log()
+    a = write(log, 1, 2)
+    b = write(log, 2, 3)
+    log.seal()
+    seg = a.segment
+    append_landed(log.logs_dir, [whole(a)])
+    with open(landed_path(seg.path), "ab") as f:
+        f.write(b"\xff" * 16 + b"\x01\x02\x03")  # a whole bad entry, then 3 bytes: misaligned from here on
+    seg.refresh_landed()
+    assert seg.landed_lines == 2
+    append_landed(log.logs_dir, [whole(b)])
+    seg.refresh_landed()
+    assert seg.landed_lines == 5 and seg.complete
+    assert log.uncovered({}, None, lock) == []
