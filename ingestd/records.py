@@ -91,7 +91,11 @@ def frame(kind: Kind, body: bytes) -> bytes:
 
 
 def request_record(received_at: float, count: int, lines: bytes) -> bytes:
-    return frame(Kind.REQUEST, _REQUEST.pack(received_at, count) + lines)
+    """`frame(Kind.REQUEST, ...)` without copying the lines twice (it runs once per request)."""
+    body_head = _REQUEST.pack(received_at, count)
+    head = struct.pack("<HBBI", MAGIC, Kind.REQUEST, 0, len(body_head) + len(lines))
+    crc = zlib.crc32(lines, zlib.crc32(body_head, zlib.crc32(head)))
+    return b"".join((head, struct.pack("<I", crc), body_head, lines))
 
 
 class Request(NamedTuple):
