@@ -72,7 +72,7 @@ class HttpConfig:
         0, "largest request body after gzip decoding, enforced while decoding; 0: 4 x max_body_bytes", _non_negative
     )
     max_payloads: int = _opt(10000, "most payloads accepted in one request", _positive)
-    threads: int = _opt(8, "waitress worker threads that run the request handler", _positive)
+    threads: int = _opt(4, "waitress worker threads per listener that run the request handler", _positive)
     listeners: int = _opt(2, "listener processes serving HTTP on the listen port (SO_REUSEPORT)", _positive)
     connection_limit: int = _opt(1000, "most open client connections; more wait in the listen backlog", _positive)
     channel_timeout_s: int = _opt(30, "close a client connection idle (or stalled mid-body) this long", _positive)
