@@ -81,7 +81,8 @@ class Health:
         for pid in list(self._procs):
             if pid not in live:
                 del self._procs[pid]
-        depth = self.queue.depth()
+        # references in the pipe, and this listener's that its writer has not flushed yet (2 ms)
+        depth = self.queue.depth() + (self.intake.writer.backlog if self.intake is not None else 0)
         log_bytes = board.total(Role.LISTENER, ListenerField.LOG_BYTES)
         sink_failing = any(r[UploaderField.LAST_FAIL_MS] > r[UploaderField.LAST_OK_MS] for r in board.rows(Role.UPLOADER))
         full = depth >= self.capacity or log_bytes >= self.max_bytes
