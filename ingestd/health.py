@@ -20,13 +20,29 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from .config import Config
 from .refqueue import RefQueue
-from .scoreboard import ChildField, Control, ListenerField, Phase, Role, Scoreboard, UploaderField
+from .scoreboard import ChildField, Control, ListenerField, Phase, Role, Scoreboard, UploaderField, now_ms
 from .states import ChildState
 
 if TYPE_CHECKING:
     from .intake import Intake
 
 _STATES = list(ChildState)
+
+
+def shared_refusals(board: Scoreboard, spool_max_bytes: int) -> list[str]:
+    """Why every listener refuses requests, read from the board alone (so whichever listener
+    answers, and whether it is refusing a request or answering /health, the same answer): the
+    spool cap (the largest of every live listener's last look at the spool's size) and dead
+    letters that cannot be written."""
+    fresh = now_ms() - 3000
+    used = max([r[ListenerField.SPOOL_USED] for r in board.rows(Role.LISTENER) if r[ListenerField.HEARTBEAT_MS] > fresh],
+               default=0)
+    reasons = []
+    if used >= spool_max_bytes:
+        reasons.append(f"spool.max_bytes ({spool_max_bytes}) reached")
+    if any(r[UploaderField.DEAD_LETTER_BLOCKED] for r in board.rows(Role.UPLOADER)):
+        reasons.append("dead letters cannot be written")
+    return reasons
 
 
 class Health:
@@ -36,6 +52,7 @@ class Health:
         self.queue = queue
         self.capacity = config.queue.max_items
         self.max_bytes = config.queue.max_bytes
+        self.spool_max_bytes = config.spool.max_bytes
         self.intake = intake
         self.clock = clock
         self._procs: dict[int, psutil.Process] = {}
@@ -86,12 +103,11 @@ class Health:
         log_bytes = board.total(Role.LISTENER, ListenerField.LOG_BYTES)
         sink_failing = any(r[UploaderField.LAST_FAIL_MS] > r[UploaderField.LAST_OK_MS] for r in board.rows(Role.UPLOADER))
         full = depth >= self.capacity or log_bytes >= self.max_bytes
-        # every listener's log errors (whichever listener answers, the same readiness), plus what
-        # this one refuses requests for (the spool cap, dead letters that cannot be written)
+        # every listener's log errors and the refusals all listeners share: whichever listener
+        # answers, the same readiness, and the same as a refused request is told
         blocked = "; ".join([f"listener {x['index']}: request log not writable ({x['log_error']})"
                              for x in listeners if x["log_error"]]
-                            + [why for why in ((self.intake.blocked if self.intake else None) or "").split("; ")
-                               if why and not why.startswith("request log not writable")]) or None
+                            + shared_refusals(board, self.spool_max_bytes)) or None
         draining = board.phase is not Phase.RUNNING
         reasons = []
         if draining:

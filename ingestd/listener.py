@@ -41,12 +41,12 @@ from .app import create_app
 from .child import setup_child
 from .config import Config, bearer_tokens
 from .errors import CHILD_EXIT_BOOT_FAILED
-from .health import Health
+from .health import Health, shared_refusals
 from .intake import Intake
 from .journal import read_all_intents
 from .refqueue import RefQueue
 from .requestlog import Covered, RequestLog
-from .scoreboard import ChildField, ListenerField, Phase, Role, Scoreboard, UploaderField, now_ms
+from .scoreboard import ChildField, ListenerField, Phase, Role, Scoreboard, UploaderField
 from .spool import Lock, Spool
 from .timing import Every
 
@@ -108,7 +108,6 @@ class Keeper:
         self.collect_due = Every(COLLECT_EVERY_S)
         self.usage_due = Every(USAGE_EVERY_S)
         self.sync_due = Every(config.spool.journal_fsync_interval_ms / 1000)
-        self.cap_blocked = False
         self._probe_failed = False
 
     # -- epochs and the re-index ---------------------------------------------------------------------
@@ -162,18 +161,9 @@ class Keeper:
             log.info("listener %d: the request log is writable again", self.index)
         if self.usage_due():
             self.row[ListenerField.SPOOL_USED] = self.spool.used_bytes()
-        # the largest of every live listener's last look: all refuse (and /health agrees) together
-        fresh = now_ms() - 3000
-        used = max([r[ListenerField.SPOOL_USED] for r in self.board.rows(Role.LISTENER)
-                    if r[ListenerField.HEARTBEAT_MS] > fresh] + [self.row[ListenerField.SPOOL_USED]])
-        self.cap_blocked = used >= self.config.spool.max_bytes
-        reasons = []
+        reasons = shared_refusals(self.board, self.config.spool.max_bytes)
         if self.row[ListenerField.SPOOL_ERROR]:
-            reasons.append("request log not writable")
-        if self.cap_blocked:
-            reasons.append(f"spool.max_bytes ({self.config.spool.max_bytes}) reached")
-        if any(r[UploaderField.DEAD_LETTER_BLOCKED] for r in self.board.rows(Role.UPLOADER)):
-            reasons.append("dead letters cannot be written")
+            reasons.insert(0, "request log not writable")
         intake.blocked = "; ".join(reasons) or None
         intake.writer.depth = self.queue.depth()  # what uploaders took meanwhile (and other listeners put)
         intake.others_bytes = sum(r[ListenerField.LOG_BYTES] for i, r in enumerate(self.board.rows(Role.LISTENER))

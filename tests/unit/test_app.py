@@ -603,13 +603,21 @@ def _logs_full(d: Daemon) -> str:
     return "queue full"
 
 
-def _spool_blocked(d: Daemon) -> str:
-    d.intake.blocked = "dead letters cannot be written"
+def _dead_letters_blocked(d: Daemon) -> str:
+    d.board.uploader(1)[UploaderField.DEAD_LETTER_BLOCKED] = 1  # whatever this listener's intake thinks
     return "dead letters cannot be written"
 
 
+def _spool_cap_seen_by_another_listener(d: Daemon) -> str:
+    other = d.board.listener(1)
+    other[ListenerField.SPOOL_USED] = d.config.spool.max_bytes
+    other[ListenerField.HEARTBEAT_MS] = now_ms()  # a live listener's look counts; a stale one's would not
+    return f"spool.max_bytes ({d.config.spool.max_bytes}) reached"
+
+
 @pytest.mark.parametrize("make_unready", [_draining, _no_uploader_booted, _uploader_rows_of_dead_processes,
-                                          _a_listener_not_serving, _queue_full, _logs_full, _spool_blocked])
+                                          _a_listener_not_serving, _queue_full, _logs_full, _dead_letters_blocked,
+                                          _spool_cap_seen_by_another_listener])
 def test_health_is_503_and_names_the_reason_it_is_not_ready(daemon: Daemon, make_unready: Callable[[Daemon], str]) -> None:
     assert daemon.client.simulate_get("/health").status_code == 200
     reason = make_unready(daemon)
@@ -619,6 +627,14 @@ def test_health_is_503_and_names_the_reason_it_is_not_ready(daemon: Daemon, make
     ready = daemon.client.simulate_get("/health/ready")
     assert ready.status_code == 503 and ready.json["ready"] is False
     assert daemon.client.simulate_get("/health/live").status_code == 200
+
+
+def test_a_stale_listener_row_does_not_hold_the_spool_cap(daemon: Daemon) -> None:
+    other = daemon.board.listener(1)
+    other[ListenerField.SPOOL_USED] = daemon.config.spool.max_bytes
+    other[ListenerField.HEARTBEAT_MS] = now_ms() - 10_000  # a listener that died ten seconds ago
+    r = daemon.client.simulate_get("/health")
+    assert r.status_code == 200, r.json
 
 
 def test_health_is_degraded_when_the_queue_is_full(make_daemon: Callable[..., Daemon]) -> None:
