@@ -81,7 +81,7 @@ class PayloadsResource:
             raise Rejection(503, "Service unavailable", "ingestd is draining for shutdown; send again later")
         if admission is Admission.SPOOL:
             raise Rejection(503, "Service unavailable",
-                            f"the spool cannot take requests now ({self.intake.blocked or 'write failed'}); send again later")
+                            f"the spool cannot take requests now ({self.intake.blocked or self.intake.others_refuse() or 'write failed'}); send again later")
         raise Rejection(503, "Service unavailable", "the queue is full; send again later")
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:

@@ -29,16 +29,24 @@ if TYPE_CHECKING:
 _STATES = list(ChildState)
 
 
+CAP_LOW_WATER = 0.9  # refusing at spool.max_bytes goes on until usage falls below this share of it
+
+
 def shared_refusals(board: Scoreboard, spool_max_bytes: int) -> list[str]:
     """Why every listener refuses requests, read from the board alone (so whichever listener
     answers, and whether it is refusing a request or answering /health, the same answer): the
-    spool cap (the largest of every live listener's last look at the spool's size) and dead
-    letters that cannot be written."""
+    spool cap and dead letters that cannot be written.
+
+    The cap counts the largest of every live listener's last look at the spool's size, with
+    hysteresis: once a listener refuses for it, all refuse until usage is below the low-water
+    mark, so that a spool hovering at the cap (files written and removed while nothing lands)
+    does not let single requests through."""
     fresh = now_ms() - 3000
-    used = max([r[ListenerField.SPOOL_USED] for r in board.rows(Role.LISTENER) if r[ListenerField.HEARTBEAT_MS] > fresh],
-               default=0)
+    live = [r for r in board.rows(Role.LISTENER) if r[ListenerField.HEARTBEAT_MS] > fresh]
+    used = max((r[ListenerField.SPOOL_USED] for r in live), default=0)
+    held = any(r[ListenerField.CAP_BLOCKED] for r in live)
     reasons = []
-    if used >= spool_max_bytes:
+    if used >= spool_max_bytes or (held and used > spool_max_bytes * CAP_LOW_WATER):
         reasons.append(f"spool.max_bytes ({spool_max_bytes}) reached")
     if any(r[UploaderField.DEAD_LETTER_BLOCKED] for r in board.rows(Role.UPLOADER)):
         reasons.append("dead letters cannot be written")

@@ -27,7 +27,7 @@ from collections import Counter, deque
 from .records import request_record
 from .refqueue import Ref, RefQueue, epoch_tag
 from .requestlog import Pos, RequestLog
-from .scoreboard import Control, ListenerField, Phase, Row, Scoreboard
+from .scoreboard import Control, ListenerField, Phase, Role, Row, Scoreboard, UploaderField, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,27 @@ class Intake:
         self._pending: Counter[int] = Counter()  # "always": epoch -> requests logged, not yet synced
         self.writer = RefWriter(queue)
         self.writer.start()
+        # refusals the other processes decide (read straight from the board on every request, so
+        # that every listener refuses from the instant one does, not from its next tick)
+        self._raw = board.raw
+        self._cap_flags = [(board.flat_index(Role.LISTENER, i, ListenerField.HEARTBEAT_MS),
+                            board.flat_index(Role.LISTENER, i, ListenerField.CAP_BLOCKED), i)
+                           for i in range(board.counts[Role.LISTENER]) if i != index]
+        self._dead_flags = [board.flat_index(Role.UPLOADER, i, UploaderField.DEAD_LETTER_BLOCKED)
+                            for i in range(board.counts[Role.UPLOADER])]
         # what other listeners may have put since the writer last looked
         self._margin = max(64, max_items // 4)
+
+    def others_refuse(self) -> str | None:
+        """Does another live listener refuse for the spool cap, or an uploader for dead letters?"""
+        a = self._raw
+        for heartbeat, flag, i in self._cap_flags:
+            if a[flag] and a[heartbeat] > now_ms() - 3000:
+                return f"spool.max_bytes reached (seen by listener {i})"
+        for flag in self._dead_flags:
+            if a[flag]:
+                return "dead letters cannot be written"
+        return None
 
     def queue_full(self) -> bool:
         """Room for one more reference? Far from the bound, the writer's last look at the pipe
@@ -138,6 +157,8 @@ class Intake:
         if board.control[Control.PHASE] != Phase.RUNNING:
             return Admission.DRAINING
         if self.blocked:
+            return self._refused(Admission.SPOOL)
+        if self.others_refuse():
             return self._refused(Admission.SPOOL)
         if self.queue_full():  # racy by a few requests across listeners: a bound, not a count
             return self._refused(Admission.FULL)

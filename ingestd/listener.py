@@ -162,6 +162,7 @@ class Keeper:
         if self.usage_due():
             self.row[ListenerField.SPOOL_USED] = self.spool.used_bytes()
         reasons = shared_refusals(self.board, self.config.spool.max_bytes)
+        self.row[ListenerField.CAP_BLOCKED] = int(any(r.startswith("spool.max_bytes") for r in reasons))
         if self.row[ListenerField.SPOOL_ERROR]:
             reasons.insert(0, "request log not writable")
         intake.blocked = "; ".join(reasons) or None

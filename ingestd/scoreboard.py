@@ -65,6 +65,7 @@ class ListenerField(enum.IntEnum):
     REINDEXED_PAYLOADS = 10  # payloads put back on the queue by re-indexes
     QUARANTINED_BYTES = 11  # damaged bytes found in log files
     SPOOL_USED = 12  # bytes under spool.path at this listener's last look (once a second)
+    CAP_BLOCKED = 13  # 1 while this listener refuses for spool.max_bytes (until usage falls to the low-water mark)
 
 
 class UploaderField(enum.IntEnum):
@@ -129,6 +130,14 @@ class Scoreboard:
 
     def row(self, role: Role, index: int) -> Row:
         return Row(self._a, self._row_base[role] + index * _WIDTH[role])
+
+    def flat_index(self, role: Role, index: int, f: int) -> int:
+        """Where a field lives in `raw`: for hot paths that read a few flags without Row objects."""
+        return self._row_base[role] + index * _WIDTH[role] + f
+
+    @property
+    def raw(self) -> Any:
+        return self._a
 
     def listener(self, index: int) -> Row:
         return self.row(Role.LISTENER, index)

@@ -20,7 +20,7 @@ from falcon import testing
 
 from ingestd.app import WSGIApp, create_app
 from ingestd.config import Config, HttpConfig, QueueConfig, WorkersConfig
-from ingestd.health import Health
+from ingestd.health import Health, shared_refusals
 from ingestd.intake import Intake
 from ingestd.records import encode_lines, request_record
 from ingestd.refqueue import Ref, RefQueue
@@ -517,6 +517,26 @@ def test_a_blocked_spool_is_503_naming_the_cause_and_keeps_nothing(daemon: Daemo
     assert daemon.post({"data": [{}]}).status_code == 202
 
 
+def test_another_listener_at_the_spool_cap_is_503_here_at_once_not_at_the_next_tick(daemon: Daemon) -> None:
+    other = daemon.board.listener(1)
+    other[ListenerField.CAP_BLOCKED] = 1
+    other[ListenerField.HEARTBEAT_MS] = now_ms()
+    before = daemon.kept()
+    body = assert_503(daemon.post({"data": [{}]}))  # this listener's keeper has not looked since
+    assert "spool.max_bytes reached (seen by listener 1)" in body["description"]
+    assert daemon.kept() == before
+    other[ListenerField.HEARTBEAT_MS] = now_ms() - 10_000  # that listener is gone: its flag no longer counts
+    assert daemon.post({"data": [{}]}).status_code == 202
+
+
+def test_an_uploader_that_cannot_write_dead_letters_is_503_here_at_once(daemon: Daemon) -> None:
+    daemon.board.uploader(0)[UploaderField.DEAD_LETTER_BLOCKED] = 1
+    body = assert_503(daemon.post({"data": [{}]}))
+    assert "dead letters cannot be written" in body["description"]
+    daemon.board.uploader(0)[UploaderField.DEAD_LETTER_BLOCKED] = 0
+    assert daemon.post({"data": [{}]}).status_code == 202
+
+
 def test_a_reference_waits_in_the_writer_while_the_pipe_is_full_then_reaches_the_queue(
         make_daemon: Callable[..., Daemon]) -> None:
     # the intake's bound is above what the pipe holds: the request is logged, so it is accepted,
@@ -773,3 +793,21 @@ def test_rejected_requests_counts_every_refused_ingest_and_overload_only_the_503
     text = d.client.simulate_get("/metrics").text
     assert metric(text, "ingestd_rejected_requests_total") == 5
     assert metric(text, "ingestd_overload_rejections_total") == 1
+
+
+@pytest.mark.parametrize(("used_share", "held", "refused"), [
+    (1.0, False, True),   # at the cap
+    (0.95, True, True),   # still above the low-water mark since refusing began
+    (0.95, False, False),  # above it, but nobody was refusing: not reached yet
+    (0.85, True, False),  # below the low-water mark: refusing ends
+])
+def test_the_spool_cap_refuses_with_a_low_water_mark(daemon: Daemon, used_share: float, held: bool,
+                                                     refused: bool) -> None:
+    cap = daemon.config.spool.max_bytes
+    for i, row in enumerate(daemon.board.rows(Role.LISTENER)):
+        row[ListenerField.HEARTBEAT_MS] = now_ms()
+        row[ListenerField.SPOOL_USED] = int(cap * used_share) if i == 1 else 0
+        row[ListenerField.CAP_BLOCKED] = int(held and i == 1)
+    reasons = shared_refusals(daemon.board, cap)
+    assert (f"spool.max_bytes ({cap}) reached" in reasons) is refused
+    assert (daemon.client.simulate_get("/health").status_code == 503) is refused
