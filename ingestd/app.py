@@ -8,7 +8,7 @@ included, whatever the client's Accept header says.
 
 from __future__ import annotations
 
-import hmac
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -22,12 +22,17 @@ from .config import Config
 from .health import Health, render_metrics
 from .intake import Admission, Intake
 from .openapi import document
+from .ratelimit import RateLimiter
 from .records import encode_lines, exact_dumps
 from .validation import Limits, Rejection, decode_collection
 
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+
+
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
 
 
 def _json(resp: falcon.Response, status: int, doc: Any) -> None:
@@ -39,29 +44,46 @@ def _json(resp: falcon.Response, status: int, doc: Any) -> None:
 class PayloadsResource:
     """POST /v1/payloads: validate, enqueue, answer 202; 503 with Retry-After when full."""
 
-    def __init__(self, config: Config, intake: Intake, tokens: tuple[str, ...], clock: Callable[[], float]) -> None:
+    def __init__(self, config: Config, intake: Intake, limiter: RateLimiter | None, clock: Callable[[], float]) -> None:
         h = config.http
         self.limits = Limits(h.max_body_bytes, h.max_decoded_bytes, h.max_payloads)
         self.intake = intake
-        self.tokens = tuple(t.encode() for t in tokens)
+        tenancy = config.tenancy
+        self.tenant_names = tenancy.names
+        # tokens are looked up by their SHA-256: one dictionary probe whatever their number, and
+        # no byte-by-byte comparison with a secret whose time could tell how much of it matched
+        self.tokens = {_digest(t.encode()): tenant for t, tenant in tenancy.tokens}
+        self.limiter = limiter if limiter is not None and any(t.max_payloads_per_s for t in tenancy.tenants) else None
         self.retry_after = h.retry_after_s
         self.clock = clock
 
-    def _authorize(self, header: str | None) -> None:
+    def _authorize(self, header: str | None) -> int:
+        """The tenant of the request's bearer token."""
         scheme, _, given = (header or "").partition(" ")
-        presented = given.strip().encode()
-        # compare with every token, so the time taken does not tell which one nearly matched
-        ok = False
-        for token in self.tokens:
-            ok |= hmac.compare_digest(presented, token)
-        if scheme.lower() != "bearer" or not ok:
+        tenant = self.tokens.get(_digest(given.strip().encode()))
+        if scheme.lower() != "bearer" or tenant is None:
             raise Rejection(401, "Unauthorized", "a valid 'Authorization: Bearer <token>' header is required")
+        return tenant
+
+    def _rate_limited(self, tenant: int, wait_s: int, count: int | None = None) -> Rejection:
+        name = self.tenant_names[tenant]
+        rate = self.limiter.rates[tenant] if self.limiter else 0
+        what = f"{count} payloads" if count is not None else "more payloads"
+        return Rejection(429, "Too many requests",
+                         f"tenant {name!r} is over its rate of {rate} payloads/s: {what} fit in {wait_s} s",
+                         retry_after=wait_s, tenant=tenant)
 
     def accept(self, authorization: str | None, content_type: str | None, content_encoding: str | None,
                content_length: int | None, stream: Any) -> int:
         """The whole ingest: returns the number of payloads queued, or raises Rejection."""
-        if self.tokens:
-            self._authorize(authorization)
+        tenant = self._authorize(authorization) if self.tokens else 0
+        limiter = self.limiter
+        limited = limiter is not None and limiter.limited(tenant)
+        if limited:
+            assert limiter is not None
+            wait = limiter.wait_s(tenant)  # an empty bucket refuses before the body is parsed
+            if wait:
+                raise self._rate_limited(tenant, wait)
         limits = self.limits
         if content_length is not None and content_length > limits.max_body_bytes:
             raise Rejection(413, "Payload too large",
@@ -74,9 +96,21 @@ class PayloadsResource:
         else:
             lines = encode_lines(now, collection.version, collection.payloads)
         count = len(collection.payloads)
-        admission = self.intake.submit(now, count, lines)
+        if limited:
+            assert limiter is not None
+            if count > limiter.rates[tenant]:
+                raise Rejection(413, "Payload too large",
+                                f"{count} payloads in one request can never fit tenant {self.tenant_names[tenant]!r}'s "
+                                f"rate of {limiter.rates[tenant]} payloads/s (max_payloads_per_s): split the request")
+            wait = limiter.take(tenant, count)
+            if wait:
+                raise self._rate_limited(tenant, wait, count)
+        admission = self.intake.submit(now, count, lines, tenant)
         if admission is Admission.ACCEPTED:
             return count
+        if limited:
+            assert limiter is not None
+            limiter.give_back(tenant, count)  # nothing was kept: the tenant keeps its allowance
         if admission is Admission.DRAINING:
             raise Rejection(503, "Service unavailable", "ingestd is draining for shutdown; send again later")
         if admission is Admission.SPOOL:
@@ -105,7 +139,7 @@ class HealthResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         snap = self.health.snapshot()
-        _json(resp, 200 if snap["ready"] else 503, snap)
+        _json(resp, 200 if snap["ready"] else 503, self.health.public(snap))
 
     def on_get_live(self, req: falcon.Request, resp: falcon.Response) -> None:
         _json(resp, 200, {"status": "alive"})
@@ -121,7 +155,7 @@ class MetricsResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        resp.data = render_metrics(self.health.snapshot())
+        resp.data = render_metrics(self.health.public(self.health.snapshot()))
 
 
 class OpenApiResource:
@@ -139,6 +173,8 @@ def rejection_response(ex: Rejection, retry_after_s: int) -> tuple[str, list[tup
     headers = [("Content-Type", JSON), ("Content-Length", str(len(body)))]
     if ex.status == 503:
         headers.append(("Retry-After", str(retry_after_s)))
+    elif ex.status == 429:
+        headers.append(("Retry-After", str(ex.retry_after or retry_after_s)))
     elif ex.status == 401:
         headers.append(("WWW-Authenticate", 'Bearer realm="ingestd"'))
     return f"{ex.status} {HTTPStatus(ex.status).phrase}", headers, body
@@ -170,7 +206,7 @@ class FastIngest:
                                          environ.get("HTTP_CONTENT_ENCODING"), int(length) if length else None,
                                          environ["wsgi.input"])
         except Rejection as ex:
-            self.intake.count_rejection()
+            self.intake.count_rejection(ex.tenant)
             status, headers, body = rejection_response(ex, self.retry_after_s)
             start_response(status, headers)
             return [body]
@@ -179,7 +215,7 @@ class FastIngest:
         return [body]
 
 
-def create_app(config: Config, intake: Intake, health: Health, tokens: tuple[str, ...] = (),
+def create_app(config: Config, intake: Intake, health: Health, limiter: RateLimiter | None = None,
                clock: Callable[[], float] = time.time) -> WSGIApp:
     app = falcon.App(media_type=JSON)
     app.req_options.strip_url_path_trailing_slash = True
@@ -193,14 +229,14 @@ def create_app(config: Config, intake: Intake, health: Health, tokens: tuple[str
         resp.data = orjson.dumps({"title": exc.title, "description": description})
 
     def handle_rejection(req: falcon.Request, resp: falcon.Response, ex: Rejection, params: dict[str, Any]) -> None:
-        intake.count_rejection()
+        intake.count_rejection(ex.tenant)
         resp.status, headers, resp.data = rejection_response(ex, config.http.retry_after_s)
         resp.set_headers(headers)
 
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Rejection, handle_rejection)
     health_resource = HealthResource(health)
-    payloads = PayloadsResource(config, intake, tokens, clock)
+    payloads = PayloadsResource(config, intake, limiter, clock)
     app.add_route("/v1/payloads", payloads)
     app.add_route("/health", health_resource)
     app.add_route("/health/live", health_resource, suffix="live")

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -75,7 +76,10 @@ class HttpConfig:
     threads: int = _opt(4, "waitress worker threads per listener that run the request handler", _positive)
     listeners: int = _opt(2, "listener processes serving HTTP on the listen port (SO_REUSEPORT)", _positive)
     connection_limit: int = _opt(1000, "most open client connections; more wait in the listen backlog", _positive)
-    channel_timeout_s: int = _opt(30, "close a client connection idle (or stalled mid-body) this long", _positive)
+    channel_timeout_s: int = _opt(30, "close a client connection idle this long between requests", _positive)
+    request_timeout_s: int = _opt(30, "from a request's first byte to its last: a request not whole by then is cut "
+                                      "(the connection closed)", _positive)
+    health_detail: bool = _opt(True, "false: /health and /metrics leave out pids, RSS and CPU of the processes")
     retry_after_s: int = _opt(1, "value of Retry-After on 503 answers", _positive)
 
     def __post_init__(self) -> None:
@@ -84,10 +88,52 @@ class HttpConfig:
             object.__setattr__(self, "max_decoded_bytes", derived)
 
 
+TENANT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+DEFAULT_TENANT = "default"
+
+
+def _tenant_name(v: Any) -> str | None:
+    return None if TENANT_NAME.fullmatch(v) else "must match [A-Za-z0-9_-]{1,64}"
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    name: str = _opt("", "tenant name, [A-Za-z0-9_-]{1,64}; `default` adds to `auth.tokens`", _tenant_name)
+    tokens: tuple[str, ...] = _opt((), "bearer tokens of this tenant")
+    max_payloads_per_s: int = _opt(0, "payloads per second this tenant may send to this host; 0: unlimited; "
+                                      "beyond it: 429 + Retry-After", _non_negative)
+
+
 @dataclass(frozen=True)
 class AuthConfig:
-    tokens: tuple[str, ...] = _opt((), "bearer tokens accepted on the ingest path; empty: no auth")
-    tokens_file: str = _opt("", "file with one bearer token per line, added to `tokens`")
+    tokens: tuple[str, ...] = _opt((), "bearer tokens of the tenant `default`; auth is on once any token exists")
+    tokens_file: str = _opt("", "file with one bearer token per line (# comments), added to `tokens`; "
+                                "unreadable or without a token: refused")
+    tenants: tuple[TenantConfig, ...] = _opt((), "[[auth.tenants]] tables: name, tokens, max_payloads_per_s")
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    max_payloads_per_s: int  # 0: unlimited
+
+
+@dataclass(frozen=True)
+class Tenancy:
+    """Who may send: every token mapped to its tenant (index into `tenants`, 0 is `default`).
+    Resolved once, when the config is loaded (the tokens file is read then), so every process
+    of the daemon holds the same tokens."""
+
+    tenants: tuple[Tenant, ...] = (Tenant(DEFAULT_TENANT, 0),)
+    tokens: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def auth_on(self) -> bool:
+        return bool(self.tokens)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tenants)
 
 
 @dataclass(frozen=True)
@@ -178,6 +224,10 @@ class Config:
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "<defaults>"  # the file this config was read from
+    tenancy: Tenancy = field(default_factory=Tenancy)  # resolved from [auth] at load, not a table
+
+
+_NOT_TABLES = frozenset({"source", "tenancy"})
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:
@@ -191,6 +241,10 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         value = float(value) if ok else value
     elif hint is str:
         ok = isinstance(value, str)
+    elif hint == tuple[TenantConfig, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ConfigError(f"{where}: expected [[{where.strip('[]').replace('].', '.')}]] tables, got {value!r}")
+        return tuple(_build_table(TenantConfig, v, f"{where}[{i}]") for i, v in enumerate(value))
     else:  # tuple[str, ...]
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         value = tuple(value) if ok else value
@@ -218,7 +272,7 @@ def _build_table(cls: type, table: Mapping[str, Any], where: str) -> Any:
 
 def from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> Config:
     """Build a Config from parsed TOML; errors read like "FILE: [table].key: problem"."""
-    tables = {f.name: f for f in dataclasses.fields(Config) if f.name != "source"}
+    tables = {f.name: f for f in dataclasses.fields(Config) if f.name not in _NOT_TABLES}
     hints = get_type_hints(Config)
     built: dict[str, Any] = {}
     try:
@@ -230,6 +284,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> Config:
             built[name] = _build_table(hints[name], table, f"[{name}]")
         config = Config(**built, source=source)
         _cross_check(config)
+        config = dataclasses.replace(config, tenancy=resolve_tenancy(config.auth))
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return config
@@ -240,11 +295,6 @@ def _cross_check(config: Config) -> None:
         raise ConfigError("[sink].bucket: required when [sink].kind = \"s3\"")
     if config.http.max_decoded_bytes < config.http.max_body_bytes:
         raise ConfigError("[http].max_decoded_bytes: must be at least [http].max_body_bytes")
-    if config.auth.tokens_file and not os.path.isfile(config.auth.tokens_file):
-        raise ConfigError(f"[auth].tokens_file: no such file {config.auth.tokens_file!r}")
-    for token in config.auth.tokens:
-        if not token or any(c.isspace() for c in token):
-            raise ConfigError("[auth].tokens: a token is empty or holds white space")
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -260,20 +310,78 @@ def load(path: str | os.PathLike[str]) -> Config:
     return from_mapping(data, str(p))
 
 
-def bearer_tokens(auth: AuthConfig) -> tuple[str, ...]:
-    """The accepted tokens: the inline ones plus those of `tokens_file` (blank lines and # comments skipped)."""
-    tokens = list(auth.tokens)
-    if auth.tokens_file:
-        with open(auth.tokens_file, encoding="utf-8") as f:
-            tokens += [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+def _check_token(token: str, where: str) -> None:
+    if not token or any(c.isspace() for c in token):
+        raise ConfigError(f"{where}: a token is empty or holds white space")
+    if not token.isprintable() or not token.isascii():
+        raise ConfigError(f"{where}: a token holds a character that cannot be sent in an HTTP header")
+
+
+def read_tokens_file(path: str) -> tuple[str, ...]:
+    """One token per line; blank lines and # comments skipped; the rest must be one clean token."""
+    where = f"[auth].tokens_file {path!r}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: cannot be read ({e})") from None
+    tokens = []
+    for n, line in enumerate(lines, 1):
+        text = line.strip()
+        if text and not text.startswith("#"):
+            _check_token(text, f"{where} line {n}")
+            tokens.append(text)
+    if not tokens:
+        raise ConfigError(f"{where}: holds no token (auth fails closed: remove the key to run without auth)")
     return tuple(tokens)
+
+
+def resolve_tenancy(auth: AuthConfig) -> Tenancy:
+    """Every token with its tenant; a token listed twice anywhere refuses the config."""
+    default_rate = 0
+    names: list[str] = [DEFAULT_TENANT]
+    owned: dict[str, int] = {}
+
+    def own(token: str, tenant: int, where: str) -> None:
+        _check_token(token, where)
+        if token in owned:
+            raise ConfigError(f"{where}: a token is listed twice (also in tenant {names[owned[token]]!r})")
+        owned[token] = tenant
+
+    for token in auth.tokens:
+        own(token, 0, "[auth].tokens")
+    if auth.tokens_file:
+        for token in read_tokens_file(auth.tokens_file):
+            own(token, 0, f"[auth].tokens_file {auth.tokens_file!r}")
+    rates = {}
+    for i, t in enumerate(auth.tenants):
+        where = f"[auth].tenants[{i}] ({t.name!r})"
+        if not t.name:
+            raise ConfigError(f"[auth].tenants[{i}].name: required")
+        if t.name == DEFAULT_TENANT:
+            index = 0
+            default_rate = t.max_payloads_per_s
+        elif t.name in names:
+            raise ConfigError(f"{where}: a second tenant of that name")
+        else:
+            index = len(names)
+            names.append(t.name)
+            rates[t.name] = t.max_payloads_per_s
+        if not t.tokens:
+            raise ConfigError(f"{where}.tokens: a tenant needs at least one token")
+        for token in t.tokens:
+            own(token, index, f"{where}.tokens")
+    tenants = (Tenant(DEFAULT_TENANT, default_rate),) + tuple(Tenant(n, rates[n]) for n in names[1:])
+    return Tenancy(tenants, tuple(owned.items()))
 
 
 def describe(config: Config) -> str:
     """The effective config as TOML, each key with its help text, for `check-config`."""
     lines = [f"# effective config of {config.source}"]
     for table in dataclasses.fields(Config):
-        if table.name == "source":
+        if table.name in _NOT_TABLES:
             continue
         lines.append(f"\n[{table.name}]")
         section = getattr(config, table.name)
@@ -288,7 +396,11 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, str):
         # JSON's string escapes are TOML's basic-string escapes; DEL must be escaped in TOML too
         return json.dumps(v).replace("\x7f", "\\u007f")
+    if isinstance(v, TenantConfig):  # an inline table, its tokens redacted like the flat ones
+        return "{ " + ", ".join(f"{f.name} = {_toml_value(getattr(v, f.name))}" for f in dataclasses.fields(v)) + " }"
     if isinstance(v, tuple):
+        if v and isinstance(v[0], TenantConfig):
+            return "[" + ", ".join(_toml_value(t) for t in v) + "]"
         return "[" + ", ".join('"<redacted>"' for _ in v) + "]"
     return repr(v)
 
@@ -297,8 +409,12 @@ def reference_rows() -> list[tuple[str, str, str]]:
     """(key, default, help) for every key: the source of the README's config reference."""
     rows = []
     for table in dataclasses.fields(Config):
-        if table.name == "source":
+        if table.name in _NOT_TABLES:
             continue
         for f in dataclasses.fields(get_type_hints(Config)[table.name]):
             rows.append((f"{table.name}.{f.name}", _toml_value(f.default) if f.default != () else "[]", f.metadata["help"]))
+            if f.name == "tenants":
+                for t in dataclasses.fields(TenantConfig):
+                    rows.append((f"{table.name}.tenants[].{t.name}", _toml_value(t.default) if t.default != () else "[]",
+                                 t.metadata["help"]))
     return rows

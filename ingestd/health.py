@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from .config import Config
 from .refqueue import RefQueue
-from .scoreboard import ChildField, Control, ListenerField, Phase, Role, Scoreboard, UploaderField, now_ms
+from .scoreboard import ChildField, Control, ListenerField, Phase, Role, Scoreboard, TenantField, UploaderField, now_ms
 from .states import ChildState
 
 if TYPE_CHECKING:
@@ -61,6 +61,8 @@ class Health:
         self.capacity = config.queue.max_items
         self.max_bytes = config.queue.max_bytes
         self.spool_max_bytes = config.spool.max_bytes
+        self.detail = config.http.health_detail
+        self.tenant_names = config.tenancy.names
         self.intake = intake
         self.clock = clock
         self._procs: dict[int, psutil.Process] = {}
@@ -159,10 +161,33 @@ class Health:
                 "damaged_records": board.total(Role.UPLOADER, UploaderField.DAMAGED_RECORDS),
                 "quarantined_bytes": board.total(Role.LISTENER, ListenerField.QUARANTINED_BYTES),
             },
+            "tenants": {
+                name: {"accepted_requests": board.tenant_total(t, TenantField.ACCEPTED_REQUESTS),
+                       "accepted_payloads": board.tenant_total(t, TenantField.ACCEPTED_PAYLOADS),
+                       "rate_limited_requests": board.tenant_total(t, TenantField.RATE_LIMITED)}
+                for t, name in enumerate(self.tenant_names)
+            },
             "rss_bytes": rss,
             "cpu_percent": cpu,
         }
 
+    def public(self, snap: dict[str, Any]) -> dict[str, Any]:
+        """The snapshot as /health shows it: without pids, RSS and CPU when health_detail is off."""
+        if self.detail:
+            return snap
+        out = {k: v for k, v in snap.items() if k not in _DETAIL}
+        for group in ("workers", "listeners"):
+            out[group] = [{k: v for k, v in c.items() if k not in _DETAIL} for c in snap[group]]
+        return out
+
+
+_DETAIL = frozenset({"pid", "rss_bytes", "cpu_percent"})
+
+_TENANT_HELP = {
+    "accepted_requests": "Ingest requests of the tenant answered 202.",
+    "accepted_payloads": "Payloads of the tenant acknowledged with 202.",
+    "rate_limited_requests": "Ingest requests of the tenant answered 429 (over max_payloads_per_s).",
+}
 
 _COUNTER_HELP = {
     "accepted_requests": "Ingest requests answered 202.",
@@ -206,13 +231,19 @@ class _SnapshotCollector:
                                          sum(w["pending_payloads"] for w in s["workers"])),
             "ingestd_restarts": ("Child process restarts since start.",
                                  sum(c["restarts"] for c in s["workers"] + s["listeners"])),
-            "ingestd_rss_bytes": ("Resident memory of all ingestd processes.",
-                                  s["rss_bytes"] + sum(c["rss_bytes"] for c in s["workers"] + s["listeners"])),
         }
+        if "rss_bytes" in s:  # left out with http.health_detail = false
+            gauges["ingestd_rss_bytes"] = ("Resident memory of all ingestd processes.",
+                                           s["rss_bytes"] + sum(c["rss_bytes"] for c in s["workers"] + s["listeners"]))
         for name, (help_text, value) in gauges.items():
             g = GaugeMetricFamily(name, help_text)
             g.add_metric([], value)
             yield g
+        for key, help_text in _TENANT_HELP.items():
+            c = CounterMetricFamily(f"ingestd_tenant_{key}", help_text, labels=["tenant"])
+            for tenant, counters in s["tenants"].items():
+                c.add_metric([tenant], counters[key])
+            yield c
 
 
 def render_metrics(snap: dict[str, Any]) -> bytes:

@@ -27,7 +27,7 @@ from collections import Counter, deque
 from .records import request_record
 from .refqueue import Ref, RefQueue, epoch_tag
 from .requestlog import Pos, RequestLog
-from .scoreboard import Control, ListenerField, Phase, Role, Row, Scoreboard, UploaderField, now_ms
+from .scoreboard import Control, ListenerField, Phase, Role, Row, Scoreboard, TenantField, UploaderField, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ class Intake:
         self.blocked: str | None = None  # why the spool cannot take requests now (set by the keeper too)
         self.others_bytes = 0  # LOG_BYTES of the other listeners, refreshed by the keeper
         self._pending: Counter[int] = Counter()  # "always": epoch -> requests logged, not yet synced
+        self._tenant_rows = [board.tenant_row(index, t) for t in range(board.tenants)]
         self.writer = RefWriter(queue)
         self.writer.start()
         # refusals the other processes decide (read straight from the board on every request, so
@@ -152,7 +153,7 @@ class Intake:
         writer.depth = self.queue.depth()
         return writer.depth + writer.backlog >= self.max_items
 
-    def submit(self, received_at: float, count: int, lines: bytes) -> Admission:
+    def submit(self, received_at: float, count: int, lines: bytes, tenant: int = 0) -> Admission:
         board = self.board
         if board.control[Control.PHASE] != Phase.RUNNING:
             return Admission.DRAINING
@@ -178,7 +179,7 @@ class Intake:
                 self._write_failed(e)
                 return Admission.SPOOL
             if not self.always_sync:
-                self._accepted(pos, count)
+                self._accepted(pos, count, tenant)
             else:
                 self._pending[epoch] += 1
                 upto = self.log.written
@@ -194,7 +195,7 @@ class Intake:
                 return Admission.SPOOL
             with self.lock:
                 self._pending[epoch] -= 1
-                self._accepted(pos, count)
+                self._accepted(pos, count, tenant)
         self.writer.put(ref)
         return Admission.ACCEPTED
 
@@ -203,13 +204,16 @@ class Intake:
             self.row.add(ListenerField.OVERLOAD_REJECTIONS)
         return why
 
-    def _accepted(self, pos: Pos, count: int) -> None:
+    def _accepted(self, pos: Pos, count: int, tenant: int) -> None:
         """Under the lock: the request is logged (and synced as the policy asks)."""
         if self.row[ListenerField.SPOOL_ERROR]:
             self.row[ListenerField.SPOOL_ERROR] = 0
         self.log.put_done(pos)  # nothing can cancel it any more
         self.row.add(ListenerField.ACCEPTED_REQUESTS)
         self.row.add(ListenerField.ACCEPTED_PAYLOADS, count)
+        by_tenant = self._tenant_rows[tenant]
+        by_tenant.add(TenantField.ACCEPTED_REQUESTS)
+        by_tenant.add(TenantField.ACCEPTED_PAYLOADS, count)
 
     def _write_failed(self, e: OSError) -> None:
         self.row[ListenerField.SPOOL_ERROR] = e.errno or 5
@@ -218,9 +222,11 @@ class Intake:
             log.error("listener %d: cannot write the request log (%s): answering 503 until it can", self.index, e)
         self.blocked = f"request log not writable: {e.strerror or e}"
 
-    def count_rejection(self) -> None:
+    def count_rejection(self, rate_limited_tenant: int | None = None) -> None:
         with self.lock:
             self.row.add(ListenerField.REJECTED_REQUESTS)
+            if rate_limited_tenant is not None:
+                self._tenant_rows[rate_limited_tenant].add(TenantField.RATE_LIMITED)
 
     # -- for the keeper ----------------------------------------------------------------------------
     def pending_before(self, epoch: int) -> int:

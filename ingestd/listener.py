@@ -39,11 +39,12 @@ import waitress
 
 from .app import create_app
 from .child import setup_child
-from .config import Config, bearer_tokens
+from .config import Config
 from .errors import CHILD_EXIT_BOOT_FAILED
 from .health import Health, shared_refusals
 from .intake import Intake
 from .journal import read_all_intents
+from .ratelimit import RateLimiter
 from .refqueue import RefQueue
 from .requestlog import Covered, RequestLog
 from .scoreboard import ChildField, ListenerField, Phase, Role, Scoreboard, UploaderField
@@ -252,7 +253,8 @@ def run_listener(index: int, config: Config, queue: RefQueue, board: Scoreboard,
     intake = Intake(index, request_log, queue, board, config.queue.max_items, config.queue.max_bytes,
                     always_sync=sp.on_disk and sp.journal_fsync == "always")
     health = Health(board, queue, config, intake, supervisor_pid=parent)
-    app = create_app(config, intake, health, bearer_tokens(config.auth))
+    limiter = RateLimiter(board, config.tenancy, spool.locks_dir / "tenant-rates")
+    app = create_app(config, intake, health, limiter)
     try:
         sock = bind_socket(host, port)
     except OSError:

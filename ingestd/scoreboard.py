@@ -84,6 +84,14 @@ class UploaderField(enum.IntEnum):
     DAMAGED_RECORDS = 12  # referenced records that failed their checksum (quarantined)
 
 
+class TenantField(enum.IntEnum):
+    """Per listener and tenant: counters of that listener's answers to that tenant."""
+
+    ACCEPTED_REQUESTS = 0
+    ACCEPTED_PAYLOADS = 1
+    RATE_LIMITED = 2  # 429 answers
+
+
 _WIDTH = {Role.LISTENER: len(ListenerField), Role.UPLOADER: len(UploaderField)}
 
 
@@ -111,13 +119,18 @@ class Row:
 
 
 class Scoreboard:
-    def __init__(self, ctx: BaseContext, listeners: int, uploaders: int) -> None:
+    def __init__(self, ctx: BaseContext, listeners: int, uploaders: int, tenants: int = 1) -> None:
         self.counts = {Role.LISTENER: listeners, Role.UPLOADER: uploaders}
+        self.tenants = tenants
         self._child_base = len(Control)
         children = listeners + uploaders
         self._row_base = {Role.LISTENER: self._child_base + children * len(ChildField)}
         self._row_base[Role.UPLOADER] = self._row_base[Role.LISTENER] + listeners * _WIDTH[Role.LISTENER]
-        size = self._row_base[Role.UPLOADER] + uploaders * _WIDTH[Role.UPLOADER]
+        # one rate-limit slot per tenant (the one block every listener writes, under a file lock:
+        # see ratelimit.py), then each listener's counters per tenant (written by that listener)
+        self._bucket_base = self._row_base[Role.UPLOADER] + uploaders * _WIDTH[Role.UPLOADER]
+        self._tenant_base = self._bucket_base + tenants
+        size = self._tenant_base + listeners * tenants * len(TenantField)
         self._a: Any = ctx.RawArray("q", size)
         self.control = Row(self._a, 0)
 
@@ -130,6 +143,16 @@ class Scoreboard:
 
     def row(self, role: Role, index: int) -> Row:
         return Row(self._a, self._row_base[role] + index * _WIDTH[role])
+
+    def bucket_index(self, tenant: int) -> int:
+        """Where tenant `tenant`'s rate-limit state lives in `raw`."""
+        return self._bucket_base + tenant
+
+    def tenant_row(self, listener: int, tenant: int) -> Row:
+        return Row(self._a, self._tenant_base + (listener * self.tenants + tenant) * len(TenantField))
+
+    def tenant_total(self, tenant: int, f: int) -> int:
+        return sum(self.tenant_row(i, tenant)[f] for i in range(self.counts[Role.LISTENER]))
 
     def flat_index(self, role: Role, index: int, f: int) -> int:
         """Where a field lives in `raw`: for hot paths that read a few flags without Row objects."""

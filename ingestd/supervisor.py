@@ -160,7 +160,7 @@ class Supervisor:
         self.ctx = multiprocessing.get_context("spawn")
         self.clock = clock
         self.spool = Spool(config.spool)
-        self.board = Scoreboard(self.ctx, config.http.listeners, config.workers.count)
+        self.board = Scoreboard(self.ctx, config.http.listeners, config.workers.count, len(config.tenancy.tenants))
         self.children = ([Child(Role.UPLOADER, i) for i in range(config.workers.count)]
                          + [Child(Role.LISTENER, i) for i in range(config.http.listeners)])
         self.start_process = start_process or self._start_process

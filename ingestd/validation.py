@@ -25,11 +25,14 @@ _LONG_DIGITS = re.compile(rb"-\d{19,}|\d{20,}")
 class Rejection(Exception):
     """A request refused as a whole: nothing of it was kept."""
 
-    def __init__(self, status: int, title: str, description: str) -> None:
+    def __init__(self, status: int, title: str, description: str, retry_after: int | None = None,
+                 tenant: int | None = None) -> None:
         super().__init__(f"{status} {title}: {description}")
         self.status = status
         self.title = title
         self.description = description
+        self.retry_after = retry_after  # seconds, for 429 (503 answers use http.retry_after_s)
+        self.tenant = tenant  # the tenant a 429 was for (counted per tenant)
 
 
 class Limits(NamedTuple):

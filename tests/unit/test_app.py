@@ -19,9 +19,10 @@ import pytest
 from falcon import testing
 
 from ingestd.app import WSGIApp, create_app
-from ingestd.config import Config, HttpConfig, QueueConfig, WorkersConfig
+from ingestd.config import AuthConfig, Config, HttpConfig, QueueConfig, TenantConfig, WorkersConfig, resolve_tenancy
 from ingestd.health import Health, shared_refusals
 from ingestd.intake import Intake
+from ingestd.ratelimit import RateLimiter
 from ingestd.records import encode_lines, request_record
 from ingestd.refqueue import Ref, RefQueue
 from ingestd.requestlog import Part, RequestLog, read_record, segment_path
@@ -114,14 +115,18 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     opened: list[tuple[Intake, RefQueue, RequestLog]] = []
 
     def make(max_items: int = 10, tokens: tuple[str, ...] = (), queue_max_bytes: int = 1 << 20,
-             intake_max_items: int | None = None) -> Daemon:
+             intake_max_items: int | None = None, tenants: tuple[TenantConfig, ...] = (),
+             health_detail: bool = True) -> Daemon:
+        auth = AuthConfig(tokens=tokens, tenants=tenants)
         config = Config(
             http=HttpConfig(max_body_bytes=MAX_BODY, max_decoded_bytes=MAX_DECODED, max_payloads=MAX_PAYLOADS,
-                            retry_after_s=RETRY_AFTER, listeners=LISTENERS),
+                            retry_after_s=RETRY_AFTER, listeners=LISTENERS, health_detail=health_detail),
+            auth=auth,
             queue=QueueConfig(max_items=max_items, max_bytes=queue_max_bytes),
             workers=WorkersConfig(count=UPLOADERS),
+            tenancy=resolve_tenancy(auth),
         )
-        board = Scoreboard(ctx, LISTENERS, UPLOADERS)
+        board = Scoreboard(ctx, LISTENERS, UPLOADERS, len(config.tenancy.tenants))
         board.control[Control.STARTED_MS] = now_ms()
         board.control[Control.EPOCH] = 1
         pid = os.getpid()
@@ -138,7 +143,8 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         intake = Intake(0, log, queue, board, intake_max_items or max_items, queue_max_bytes, always_sync=False)
         opened.append((intake, queue, log))
         health = Health(board, queue, config, intake, supervisor_pid=pid)
-        app = create_app(config, intake, health, tokens, clock=lambda: NOW)
+        limiter = RateLimiter(board, config.tenancy, tmp_path / f"rates-{len(opened)}")
+        app = create_app(config, intake, health, limiter, clock=lambda: NOW)
         return Daemon(app, testing.TestClient(app), config, queue, log, intake, board, health)
 
     try:
@@ -428,6 +434,81 @@ def test_auth_is_checked_before_the_body(make_daemon: Callable[..., Daemon]) -> 
 
 def test_no_auth_when_no_tokens(daemon: Daemon) -> None:
     assert daemon.post({"data": [{}]}, headers={"Authorization": "Bearer anything"}).status_code == 202
+
+
+# -- tenants and their rates -------------------------------------------------------------------------
+
+ACME = TenantConfig(name="acme", tokens=("acme-token",), max_payloads_per_s=10)
+BETA = TenantConfig(name="beta", tokens=("beta-token",))
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def tenant_counters(d: Daemon, name: str) -> dict[str, int]:
+    return d.snapshot()["tenants"][name]  # type: ignore[no-any-return]
+
+
+def test_each_token_counts_for_its_tenant(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon(tokens=("flat",), tenants=(ACME, BETA))
+    assert d.post({"data": [{}, {}]}, headers=bearer("acme-token")).status_code == 202
+    assert d.post({"data": [{}]}, headers=bearer("beta-token")).status_code == 202
+    assert d.post({"data": [{}]}, headers=bearer("flat")).status_code == 202
+    assert_error(d.post({"data": [{}]}, headers=bearer("acme-token-not")), 401)
+    assert tenant_counters(d, "acme") == {"accepted_requests": 1, "accepted_payloads": 2, "rate_limited_requests": 0}
+    assert tenant_counters(d, "beta")["accepted_payloads"] == 1
+    assert tenant_counters(d, "default")["accepted_payloads"] == 1
+    text = d.client.simulate_get("/metrics").text
+    assert re.search(r'^ingestd_tenant_accepted_payloads_total\{tenant="acme"\} 2\.0$', text, re.MULTILINE), text
+
+
+def test_a_tenant_over_its_rate_gets_429_with_retry_after_and_keeps_nothing(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon(max_items=100, tenants=(ACME, BETA))
+    assert d.post({"data": [{}] * 6}, headers=bearer("acme-token")).status_code == 202
+    before = d.kept()
+    r = d.post({"data": [{}] * 5}, headers=bearer("acme-token"))  # 6 + 5 > 10: all or nothing
+    body = assert_error(r, 429)
+    assert int(r.headers["retry-after"]) >= 1
+    assert "acme" in body["description"] and "10 payloads/s" in body["description"]
+    assert d.kept() == before
+    assert d.post({"data": [{}] * 4}, headers=bearer("acme-token")).status_code == 202  # what is left fits
+    assert_error(d.post({"data": [{}]}, headers=bearer("acme-token")), 429)  # empty: refused before parsing
+    assert_error(d.post(raw=b"{not json", headers=bearer("acme-token")), 429)
+    for _ in range(5):  # another tenant is not slowed
+        assert d.post({"data": [{}] * 10}, headers=bearer("beta-token")).status_code == 202
+    c = tenant_counters(d, "acme")
+    assert (c["accepted_payloads"], c["rate_limited_requests"]) == (10, 3)
+    assert tenant_counters(d, "beta")["rate_limited_requests"] == 0
+
+
+def test_a_request_bigger_than_one_second_of_its_rate_is_413(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon(tenants=(ACME,))
+    body = assert_error(d.post({"data": [{}] * 11}, headers=bearer("acme-token")), 413)
+    assert "max_payloads_per_s" in body["description"] and "11 payloads" in body["description"]
+    assert d.post({"data": [{}] * 10}, headers=bearer("acme-token")).status_code == 202  # exactly one second's worth
+
+
+def test_a_request_refused_with_503_gives_its_rate_back(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon(max_items=1, tenants=(ACME,))
+    assert d.post({"data": [{}] * 2}, headers=bearer("acme-token")).status_code == 202  # fills the queue
+    for _ in range(3):
+        assert_503(d.post({"data": [{}] * 8}, headers=bearer("acme-token")))
+    d.taken()  # room again
+    assert d.post({"data": [{}] * 8}, headers=bearer("acme-token")).status_code == 202
+
+
+def test_health_detail_off_hides_pids_rss_and_cpu(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon(health_detail=False)
+    r = d.client.simulate_get("/health")
+    assert r.status_code == 200 and r.json["status"] == "ok"
+    text = r.text
+    assert all(k not in text for k in ('"pid"', "rss_bytes", "cpu_percent")), text
+    assert len(r.json["workers"]) == UPLOADERS and all("alive" in w for w in r.json["workers"])
+    metrics = d.client.simulate_get("/metrics").text
+    assert "ingestd_rss_bytes" not in metrics and "ingestd_queue_depth" in metrics
+    shown = make_daemon().client.simulate_get("/health").json  # the default shows them
+    assert shown["workers"][0]["pid"] == os.getpid() and shown["rss_bytes"] > 0
 
 
 # -- 503 -----------------------------------------------------------------------------------------

@@ -13,12 +13,13 @@ from ingestd import __version__, cli
 from ingestd.config import (
     AuthConfig,
     Config,
-    bearer_tokens,
+    TenantConfig,
     describe,
     from_mapping,
     load,
     parse_listen,
     reference_rows,
+    resolve_tenancy,
 )
 from ingestd.errors import EXIT_CONFIG, ConfigError
 
@@ -59,10 +60,20 @@ def refused(tmp_path: Path, text: str) -> tuple[Path, str]:
 def all_keys() -> list[tuple[str, str]]:
     out = []
     for table in dataclasses.fields(Config):
-        if table.name == "source":
+        if table.name in ("source", "tenancy"):
             continue
         for f in dataclasses.fields(get_type_hints(Config)[table.name]):
             out.append((table.name, f.name))
+    return out
+
+
+def reference_keys() -> list[str]:
+    """all_keys, with the keys of each [[auth.tenants]] table after `auth.tenants`."""
+    out = []
+    for t, k in all_keys():
+        out.append(f"{t}.{k}")
+        if (t, k) == ("auth", "tenants"):
+            out += [f"auth.tenants[].{f.name}" for f in dataclasses.fields(TenantConfig)]
     return out
 
 
@@ -226,16 +237,89 @@ def test_parse_listen(value: str, expected: tuple[str, int]) -> None:
 # -- tokens -----------------------------------------------------------------------------------
 
 
-def test_bearer_tokens_reads_tokens_file(tmp_path: Path) -> None:
+def test_tokens_file_adds_to_the_default_tenant(tmp_path: Path) -> None:
     tf = tmp_path / "tokens"
     tf.write_text("# ops tokens\n\nalpha\n   \n  beta  \n  # indented comment\ngamma\n", encoding="utf-8")
     config = load(write(tmp_path, f'[auth]\ntokens = ["inline"]\ntokens_file = "{tf}"\n'))
-    assert bearer_tokens(config.auth) == ("inline", "alpha", "beta", "gamma")
+    assert config.tenancy.tokens == (("inline", 0), ("alpha", 0), ("beta", 0), ("gamma", 0))
+    assert config.tenancy.names == ("default",) and config.tenancy.auth_on
 
 
-def test_bearer_tokens_without_file() -> None:
-    assert bearer_tokens(AuthConfig(tokens=("x",))) == ("x",)
-    assert bearer_tokens(AuthConfig()) == ()
+def test_no_token_anywhere_means_auth_off() -> None:
+    assert not resolve_tenancy(AuthConfig()).auth_on
+    assert Config().tenancy.names == ("default",)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n   \n", "# only a comment\n  # another\n"])
+def test_a_tokens_file_without_a_token_is_refused_not_open(tmp_path: Path, content: str) -> None:
+    tf = tmp_path / "tokens"
+    tf.write_text(content, encoding="utf-8")
+    p, message = refused(tmp_path, f'[auth]\ntokens_file = "{tf}"\n')
+    assert str(p) in message and str(tf) in message and "holds no token" in message
+
+
+@pytest.mark.parametrize("make", [lambda d: d,  # a directory: open() fails
+                                  lambda d: (d / "bad").write_bytes(b"tok\xff\xfe\n") and d / "bad"])
+def test_a_tokens_file_that_cannot_be_read_is_refused(tmp_path: Path, make: Any) -> None:
+    folder = tmp_path / "tf"
+    folder.mkdir()
+    tf = make(folder)
+    p, message = refused(tmp_path, f'[auth]\ntokens_file = "{tf}"\n')
+    assert str(tf) in message and "cannot be read" in message
+
+
+@pytest.mark.parametrize("line", ["two words", "tab\there", "ctl\x01char", "caf\u00e9"])
+def test_a_token_with_stray_characters_in_the_tokens_file_is_refused(tmp_path: Path, line: str) -> None:
+    tf = tmp_path / "tokens"
+    tf.write_text(f"good-one\n{line}\n", encoding="utf-8")
+    p, message = refused(tmp_path, f'[auth]\ntokens_file = "{tf}"\n')
+    assert str(tf) in message and "line 2" in message
+
+
+TENANTS = """
+[auth]
+tokens = ["flat"]
+[[auth.tenants]]
+name = "acme"
+tokens = ["acme-1", "acme-2"]
+max_payloads_per_s = 100
+[[auth.tenants]]
+name = "default"
+tokens = ["dflt-2"]
+max_payloads_per_s = 7
+[[auth.tenants]]
+name = "beta_2"
+tokens = ["beta"]
+"""
+
+
+def test_tenants_map_their_tokens_and_default_adds_to_the_flat_ones(tmp_path: Path) -> None:
+    config = load(write(tmp_path, TENANTS))
+    t = config.tenancy
+    assert t.names == ("default", "acme", "beta_2")
+    assert [x.max_payloads_per_s for x in t.tenants] == [7, 100, 0]
+    assert dict(t.tokens) == {"flat": 0, "acme-1": 1, "acme-2": 1, "dflt-2": 0, "beta": 2}
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('[[auth.tenants]]\nname = "a"\ntokens = ["x"]\n[[auth.tenants]]\nname = "b"\ntokens = ["x"]\n',
+     "listed twice (also in tenant 'a')"),
+    ('[auth]\ntokens = ["x"]\n[[auth.tenants]]\nname = "b"\ntokens = ["x"]\n', "listed twice (also in tenant 'default')"),
+    ('[[auth.tenants]]\nname = "has space"\ntokens = ["x"]\n', "[auth].tenants[0].name: must match"),
+    ('[[auth.tenants]]\nname = "%s"\ntokens = ["x"]\n' % ("n" * 65), "[auth].tenants[0].name: must match"),
+    ('[[auth.tenants]]\nname = "../x"\ntokens = ["x"]\n', "[auth].tenants[0].name: must match"),
+    ('[[auth.tenants]]\ntokens = ["x"]\n', "[auth].tenants[0].name: required"),
+    ('[[auth.tenants]]\nname = "a"\n', "a tenant needs at least one token"),
+    ('[[auth.tenants]]\nname = "a"\ntokens = ["x"]\n[[auth.tenants]]\nname = "a"\ntokens = ["y"]\n',
+     "a second tenant of that name"),
+    ('[[auth.tenants]]\nname = "a"\ntokens = ["x y"]\n', "holds white space"),
+    ('[[auth.tenants]]\nname = "a"\ntokens = ["x"]\nmax_payloads_per_s = -1\n', "max_payloads_per_s: must be 0"),
+    ('[[auth.tenants]]\nname = "a"\ntokens = ["x"]\nrate = 5\n', "[auth].tenants[0].rate: unknown key"),
+    ('[auth]\ntenants = ["a"]\n', "[auth].tenants: expected"),
+])
+def test_bad_tenant_config_is_refused_naming_it(tmp_path: Path, text: str, expected: str) -> None:
+    p, message = refused(tmp_path, text)
+    assert str(p) in message and expected in message, message
 
 
 # -- describe / reference_rows ------------------------------------------------------------------
@@ -255,6 +339,7 @@ def test_describe_reparses_to_the_same_config(tmp_path: Path) -> None:
         '[http]\nlisten = "0.0.0.0:0"\nmax_body_bytes = 1234\nmax_decoded_bytes = 5678\n'
         '[sink]\nkind = "s3"\nbucket = "my-bucket"\nprefix = "a\\\\b\\"c"\nfsync = false\n'
         f'[auth]\ntokens = ["s3cr3t-one", "s3cr3t-two"]\ntokens_file = "{tf}"\n'
+        '[[auth.tenants]]\nname = "acme"\ntokens = ["s3cr3t-acme"]\nmax_payloads_per_s = 50\n'
         "[shutdown]\ndrain_timeout_s = 2.5\n"
     )
     config = load(write(tmp_path, text))
@@ -263,12 +348,13 @@ def test_describe_reparses_to_the_same_config(tmp_path: Path) -> None:
     values = _table_values(config)
     for table, keys in values.items():
         for key, value in keys.items():
-            if (table, key) == ("auth", "tokens"):
+            if (table, key) in (("auth", "tokens"), ("auth", "tenants")):
                 continue
             assert parsed[table][key] == value, f"{table}.{key}"
     assert set(parsed) == set(values)
     assert all(set(parsed[t]) == set(values[t]) for t in values)
     assert len(parsed["auth"]["tokens"]) == 2
+    assert parsed["auth"]["tenants"] == [{"name": "acme", "tokens": ["<redacted>"], "max_payloads_per_s": 50}]
     assert "s3cr3t" not in out
     assert str(tmp_path / "ingestd.toml") in out.splitlines()[0]
 
@@ -290,12 +376,13 @@ def test_describe_reparses_with_control_characters_in_strings(tmp_path: Path) ->
 def test_reference_rows_cover_every_field() -> None:
     rows = reference_rows()
     keys = [k for k, _, _ in rows]
-    assert keys == [f"{t}.{k}" for t, k in all_keys()]
+    assert keys == reference_keys()
     hints = get_type_hints(Config)
     for key, default, help_text in rows:
-        table, name = key.split(".")
+        table, name = key.rsplit(".", 1)
         assert help_text.strip()
-        expected = {f.name: f.default for f in dataclasses.fields(hints[table])}[name]
+        cls = TenantConfig if table == "auth.tenants[]" else hints[table]
+        expected = {f.name: f.default for f in dataclasses.fields(cls)}[name]
         parsed = tomllib.loads(f"v = {default}")["v"]
         if isinstance(expected, tuple):
             parsed = tuple(parsed)
