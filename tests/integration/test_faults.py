@@ -163,8 +163,10 @@ def test_hanging_sink_memory_stays_flat_then_everything_lands(daemon_factory, fa
     assert ledger.send(d.url, [f"{prefix}-first"]) == 202
     wait_for(lambda: fault_proxy.count("hang") > 0, 10, "an upload to hang")
     statuses = ledger.send_many(d.url, prefix, 200, 5, until=lambda s: s == 503)
-    # the queue's 10 items, plus at most one more batch (20 payloads = 4 requests of 5) the uploader holds
-    assert 10 <= statuses.count(202) <= 10 + 4 and statuses[-1] == 503, statuses
+    # the queue's 10 items, plus what the uploader holds behind its hung PUT: one object waiting
+    # (20 payloads = 4 requests of 5) and at most one more object's worth gathering in its batcher
+    # (how much of it fills before the 503 depends on timing: seen 14 and 15)
+    assert 10 <= statuses.count(202) <= 10 + 4 + 4 and statuses[-1] == 503, statuses
 
     assert d.proc is not None
     rss_before, peak_before = d.health()["rss_bytes"], peak_rss_bytes(d.proc.pid)
