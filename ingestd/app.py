@@ -118,6 +118,23 @@ class PayloadsResource:
                             f"the spool cannot take requests now ({self.intake.blocked or self.intake.others_refuse() or 'write failed'}); send again later")
         raise Rejection(503, "Service unavailable", "the queue is full; send again later")
 
+    def gate(self, method: str, path: str, headers: dict[str, str]) -> Rejection | None:
+        """The refusals decided from the request line and headers alone, before the HTTP server
+        buffers a body (see front.py): no valid token (401), an empty rate bucket (429)."""
+        if method != "POST" or path.rstrip("/") != "/v1/payloads":
+            return None
+        try:
+            tenant = self._authorize(headers.get("AUTHORIZATION")) if self.tokens else 0
+            limiter = self.limiter
+            if limiter is not None and limiter.limited(tenant):
+                wait = limiter.wait_s(tenant)
+                if wait:
+                    raise self._rate_limited(tenant, wait)
+        except Rejection as ex:
+            self.intake.count_rejection(ex.tenant)
+            return ex
+        return None
+
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         # reached through falcon only for variants of the path (a trailing slash): see FastIngest
         count = self.accept(req.get_header("Authorization"), req.content_type, req.get_header("Content-Encoding"),
@@ -167,16 +184,21 @@ class OpenApiResource:
         resp.data = self.body
 
 
-def rejection_response(ex: Rejection, retry_after_s: int) -> tuple[str, list[tuple[str, str]], bytes]:
-    """Status line, headers and JSON body of a refused ingest request (one place for both paths)."""
-    body = orjson.dumps({"title": ex.title, "description": ex.description})
-    headers = [("Content-Type", JSON), ("Content-Length", str(len(body)))]
+def rejection_headers(ex: Rejection, retry_after_s: int) -> list[tuple[str, str]]:
+    """The headers a refusal carries besides its JSON body's."""
     if ex.status == 503:
-        headers.append(("Retry-After", str(retry_after_s)))
-    elif ex.status == 429:
-        headers.append(("Retry-After", str(ex.retry_after or retry_after_s)))
-    elif ex.status == 401:
-        headers.append(("WWW-Authenticate", 'Bearer realm="ingestd"'))
+        return [("Retry-After", str(retry_after_s))]
+    if ex.status == 429:
+        return [("Retry-After", str(ex.retry_after or retry_after_s))]
+    if ex.status == 401:
+        return [("WWW-Authenticate", 'Bearer realm="ingestd"')]
+    return []
+
+
+def rejection_response(ex: Rejection, retry_after_s: int) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Status line, headers and JSON body of a refused ingest request (one place for every path)."""
+    body = orjson.dumps({"title": ex.title, "description": ex.description})
+    headers = [("Content-Type", JSON), ("Content-Length", str(len(body))), *rejection_headers(ex, retry_after_s)]
     return f"{ex.status} {HTTPStatus(ex.status).phrase}", headers, body
 
 
@@ -216,7 +238,7 @@ class FastIngest:
 
 
 def create_app(config: Config, intake: Intake, health: Health, limiter: RateLimiter | None = None,
-               clock: Callable[[], float] = time.time) -> WSGIApp:
+               clock: Callable[[], float] = time.time) -> FastIngest:
     app = falcon.App(media_type=JSON)
     app.req_options.strip_url_path_trailing_slash = True
 

@@ -37,9 +37,10 @@ from typing import Any
 
 import waitress
 
-from .app import create_app
+from .app import create_app, rejection_headers
 from .child import setup_child
 from .config import Config
+from .front import create_server
 from .errors import CHILD_EXIT_BOOT_FAILED
 from .health import Health, shared_refusals
 from .intake import Intake
@@ -57,26 +58,6 @@ TICK_S = 0.05
 COLLECT_EVERY_S = 0.2
 USAGE_EVERY_S = 1.0
 PROBE_BYTES = 65536
-
-
-def create_server(app: Any, config: Config, sock: socket.socket) -> Any:
-    h = config.http
-    return waitress.create_server(
-        app,
-        sockets=[sock],
-        threads=h.threads,
-        connection_limit=h.connection_limit,
-        channel_timeout=h.channel_timeout_s,
-        # waitress looks for timed-out channels only every cleanup_interval (30 s by default)
-        cleanup_interval=max(1, h.channel_timeout_s // 2),
-        # the app answers 413 in JSON for bodies up to 4x the limit; beyond, waitress refuses
-        # them itself without buffering them
-        max_request_body_size=h.max_body_bytes * 4,
-        asyncore_use_poll=True,
-        ident="ingestd",
-        expose_tracebacks=False,
-        backlog=2048,
-    )
 
 
 def bind_socket(host: str, port: int, listen: bool = True) -> socket.socket:
@@ -260,7 +241,8 @@ def run_listener(index: int, config: Config, queue: RefQueue, board: Scoreboard,
     except OSError:
         log.exception("listener %d: cannot listen on %s:%d", index, host, port)
         sys.exit(CHILD_EXIT_BOOT_FAILED)
-    server = create_server(app, config, sock)
+    server = create_server(app, config, sock, app.payloads.gate,
+                           lambda ex: rejection_headers(ex, config.http.retry_after_s), intake.count_rejection)
     keeper = Keeper(index, config, intake, board, spool, queue)
     row[ListenerField.LOG_BYTES] = request_log.total_bytes
     keeper.check_spool()  # the spool's state before the first request; the re-index follows in the loop

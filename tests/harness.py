@@ -42,20 +42,24 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):  # an inline table (e.g. one of [[auth.tenants]])
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in value) + "]"
+    return repr(value)
+
+
 def toml_dump(tables: dict[str, dict[str, Any]]) -> str:
     out = []
     for name, table in tables.items():
         out.append(f"[{name}]")
         for key, value in table.items():
-            if isinstance(value, bool):
-                v = "true" if value else "false"
-            elif isinstance(value, str):
-                v = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            elif isinstance(value, list | tuple):
-                v = "[" + ", ".join('"' + str(x) + '"' for x in value) + "]"
-            else:
-                v = repr(value)
-            out.append(f"{key} = {v}")
+            out.append(f"{key} = {toml_value(value)}")
         out.append("")
     return "\n".join(out)
 

@@ -492,10 +492,12 @@ def test_a_request_bigger_than_one_second_of_its_rate_is_413(make_daemon: Callab
 def test_a_request_refused_with_503_gives_its_rate_back(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(max_items=1, tenants=(ACME,))
     assert d.post({"data": [{}] * 2}, headers=bearer("acme-token")).status_code == 202  # fills the queue
+    assert d.intake.writer.wait_flushed(5)  # its reference is in the pipe (not between deque and pipe)
     for _ in range(3):
         assert_503(d.post({"data": [{}] * 8}, headers=bearer("acme-token")))
     d.taken()  # room again
-    assert d.post({"data": [{}] * 8}, headers=bearer("acme-token")).status_code == 202
+    r = d.post({"data": [{}] * 8}, headers=bearer("acme-token"))
+    assert r.status_code == 202, r.text
 
 
 def test_health_detail_off_hides_pids_rss_and_cpu(make_daemon: Callable[..., Daemon]) -> None:
