@@ -5,7 +5,10 @@ id) and journals it; `Delivery.deliver` encodes the object (gzip with mtime 0: t
 always gives the same bytes), puts it with exponential backoff and full jitter until it lands
 or the deadline passes, and records the outcome: LANDED, or DEAD once a permanent refusal has
 been written to the dead-letter spool. Either way the parts are then recorded as landed beside
-their log segments, which lets the listeners delete them.
+their log segments, which lets the listeners delete them. A refusal the sink gives no known
+meaning to (UncertainSinkError: an S3 code ingestd does not know) is retried too, but only
+UNCERTAIN_ATTEMPTS times for the object: the last one counts as permanent, and the dead letter
+keeps it (code and message) as its reason.
 
 What cannot be recorded (a full disk under the journal or the dead-letter spool, the spool
 cap) is retried like a sink error: nothing is ever dropped, and meanwhile the queue fills and
@@ -23,7 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .batching import Batch
-from .errors import PermanentSinkError, RetryableSinkError, SinkError
+from .errors import (
+    PermanentSinkError,
+    RetryableSinkError,
+    SinkError,
+    UncertainSinkError,
+)
 from .journal import Intent, Journal
 from .requestlog import Part, append_landed, read_parts
 from .scoreboard import Row, UploaderField, now_ms
@@ -31,6 +39,11 @@ from .sinks import KeyMaker, Sink
 from .spool import Spool
 
 log = logging.getLogger(__name__)
+
+# How many uncertain refusals (UncertainSinkError) one object gets, counted over all the attempts
+# of one `put_object` call (other failures in between do not reset it), before it is dead-lettered.
+# A module constant, not a config key: the dead letter keeps the reason and `ingestd replay` sends it.
+UNCERTAIN_ATTEMPTS = 5
 
 
 class DeadlineReached(Exception):
@@ -116,8 +129,10 @@ class Delivery:
             return False
 
     def put_object(self, key: str, data: bytes, encoding: str | None, count: int) -> None:
-        """Put with exponential backoff and full jitter on retryable errors, until the deadline."""
-        attempt = 0
+        """Put with exponential backoff and full jitter on retryable errors, until the deadline.
+        Raises PermanentSinkError on a permanent refusal, and on the UNCERTAIN_ATTEMPTS-th
+        uncertain one (its message then says how many attempts were made)."""
+        attempt = uncertain = 0
         while True:
             try:
                 self.sink.put(key, data, encoding)
@@ -125,6 +140,11 @@ class Delivery:
             except RetryableSinkError as e:
                 self.row.add(UploaderField.FAILED_UPLOADS)
                 self.row[UploaderField.LAST_FAIL_MS] = now_ms()
+                if isinstance(e, UncertainSinkError):
+                    uncertain += 1
+                    if uncertain >= UNCERTAIN_ATTEMPTS:
+                        raise PermanentSinkError(f"{e} (refused {uncertain} times with an error of unknown meaning; "
+                                                 f"giving up)") from e
                 attempt += 1
                 delay = self._backoff(attempt)
                 log.warning("%s: upload of %s failed (attempt %d, %d payloads), retrying in %.2fs: %s",

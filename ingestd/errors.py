@@ -34,5 +34,11 @@ class RetryableSinkError(SinkError):
     """The sink may accept the same object later: 5xx, throttling, timeouts, refused connections."""
 
 
+class UncertainSinkError(RetryableSinkError):
+    """A refusal the sink gives no known meaning to (an S3 4xx code ingestd does not know): retried
+    like any other, but only `delivery.UNCERTAIN_ATTEMPTS` times for one object, then the object is
+    dead-lettered with this error as its reason."""
+
+
 class PermanentSinkError(SinkError):
     """The sink will never accept this object as configured: access denied, no such bucket."""

@@ -1,7 +1,9 @@
 """The S3 sink: the one module that imports boto3.
 
 Retries are ingestd's own (the uploader's backoff, bounded by the drain deadline), so botocore
-makes one attempt per call. Errors are sorted once here into retryable and permanent.
+makes one attempt per call. Errors are sorted once here (`classify`) into retryable (retried
+until the drain deadline), permanent (dead-lettered at once) and uncertain (an unknown code:
+retried `delivery.UNCERTAIN_ATTEMPTS` times for the object, then dead-lettered).
 """
 
 from __future__ import annotations
@@ -14,9 +16,14 @@ import botocore.config
 import botocore.exceptions
 
 from .config import SinkConfig
-from .errors import PermanentSinkError, RetryableSinkError
+from .errors import (
+    PermanentSinkError,
+    RetryableSinkError,
+    SinkError,
+    UncertainSinkError,
+)
 
-# Error codes that no amount of waiting fixes: the object goes to the dead-letter spool.
+# Error codes that no amount of waiting fixes: the object goes to the dead-letter spool at once.
 PERMANENT_CODES = frozenset(
     {
         "AccessDenied",
@@ -31,14 +38,64 @@ PERMANENT_CODES = frozenset(
         "EntityTooLarge",
         "KMS.DisabledException",
         "AuthorizationHeaderMalformed",
+        "InvalidDigest",
+        "KeyTooLongError",
+        "MetadataTooLarge",
+        "MissingContentLength",
+        "InvalidStorageClass",
+        "NotSignedUp",
+        "MethodNotAllowed",
     }
 )
 
+# Codes that heal by waiting: throttling and timeouts, a body damaged on the way (BadDigest,
+# IncompleteBody), clocks, a conflicting operation in progress, and expired or invalid session
+# credentials (botocore's credential providers refresh them)
+RETRYABLE_CODES = frozenset(
+    {
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "RequestTimeTooSkewed",
+        "BadDigest",
+        "IncompleteBody",
+        "OperationAborted",
+        "ConditionalRequestConflict",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "TokenRefreshRequired",
+        "RequestExpired",
+        "InvalidToken",
+        "InternalError",
+        "ServiceUnavailable",
+    }
+)
 
-# 4xx codes that heal: a body damaged on the way (BadDigest), clocks, throttling, credentials that
-# botocore refreshes
-RETRYABLE_CODES = frozenset({"RequestTimeout", "SlowDown", "Throttling", "RequestTimeTooSkewed", "BadDigest",
-                             "ExpiredToken", "TokenRefreshRequired"})
+# HTTP statuses that heal whatever the code: request timeout, conflict, too many requests
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+
+
+def classify(code: str, status: int) -> type[SinkError]:
+    """The error class of an S3 answer: a known code first, then the status. Anything else (a
+    4xx code ingestd does not know, an unexpected status) is uncertain: retried a bounded
+    number of times for the object, then dead-lettered with its reason."""
+    if code in PERMANENT_CODES:
+        return PermanentSinkError
+    if code in RETRYABLE_CODES or status in RETRYABLE_STATUSES or status >= 500:
+        return RetryableSinkError
+    return UncertainSinkError
+
+
+def client_error(e: botocore.exceptions.ClientError, bucket: str, key: str) -> SinkError:
+    """The SinkError of a refused request; its message keeps S3's code, status and message."""
+    err = e.response.get("Error", {})
+    code = str(err.get("Code", "") or "")
+    status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    message = f"s3://{bucket}/{key}: {code or 'no code'} (HTTP {status}) {err.get('Message', '') or ''}".rstrip()
+    return classify(code, status)(message)
 
 
 class S3Sink:
@@ -84,13 +141,7 @@ class S3Sink:
             self._client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/x-ndjson",
                                     ContentMD5=md5, **extra)
         except botocore.exceptions.ClientError as e:
-            err = e.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            message = f"s3://{self.bucket}/{key}: {code or status} {err.get('Message', '')}".rstrip()
-            if code in PERMANENT_CODES or (400 <= status < 500 and status not in (408, 429) and code not in RETRYABLE_CODES):
-                raise PermanentSinkError(message) from e
-            raise RetryableSinkError(message) from e
+            raise client_error(e, self.bucket, key) from e
         except botocore.exceptions.NoCredentialsError as e:
             raise PermanentSinkError(f"s3://{self.bucket}/{key}: no AWS credentials found") from e
         except (botocore.exceptions.BotoCoreError, OSError) as e:

@@ -2,8 +2,11 @@
 
 - `FaultProxy`: an HTTP proxy in front of moto's S3 server that forwards every request, except
   while a fault mode is on: "500" (InternalError), "503" (SlowDown), "403" (AccessDenied),
-  "404" (NoSuchBucket) or "hang" (read the request, never answer). Modes switch at run time, or
-  for the first N requests only; every answer is counted by outcome.
+  "404" (NoSuchBucket), "400-expired" (ExpiredToken), "400-request-expired" (RequestExpired),
+  "400-unknown" (WeirdNewError, a code no client knows), "409" (OperationAborted) or "hang"
+  (read the request, never answer). Modes switch at run time, or for the first N requests only;
+  every answer is counted by outcome, and every request is kept in `seen` (method, path,
+  headers, body, outcome) so a test can check what the daemon sent.
 - `RestartableMoto`: a ThreadedMotoServer on a fixed port that can be stopped (the port then
   refuses connections, and connections already open are cut) and started again on the same port.
   moto's backends are process-global, so buckets and objects survive the restart.
@@ -29,6 +32,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -48,8 +52,27 @@ FAULTS: dict[str, tuple[int, str, str]] = {
     "503": (503, "SlowDown", "Please reduce your request rate."),
     "403": (403, "AccessDenied", "Access Denied"),
     "404": (404, "NoSuchBucket", "The specified bucket does not exist"),
+    "400-expired": (400, "ExpiredToken", "The provided token has expired."),
+    "400-request-expired": (400, "RequestExpired", "Request has expired."),
+    "400-unknown": (400, "WeirdNewError", "Something no client has heard of went wrong."),
+    "409": (409, "OperationAborted",
+            "A conflicting conditional operation is currently in progress against this resource. Try again."),
 }
 MODES = (*FAULTS, "hang")
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request as the proxy received it, and what became of it (a FAULTS key, "hang",
+    "forwarded" or "upstream_error")."""
+
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+    outcome: str
+
+
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade", "expect", "host", "content-length"})
 
@@ -69,6 +92,7 @@ class FaultProxy:
         self._stopped = False
         self.counts: Counter[str] = Counter()
         self.methods: Counter[str] = Counter()
+        self._seen: list[Seen] = []
 
         proxy = self
 
@@ -106,6 +130,11 @@ class FaultProxy:
         with self._lock:
             return self.counts[outcome]
 
+    def seen(self, method: str | None = None) -> list[Seen]:
+        """The requests received so far (of `method` only, when given), oldest first."""
+        with self._lock:
+            return [r for r in self._seen if method is None or r.method == method]
+
     def snapshot(self) -> Counter[str]:
         with self._lock:
             return Counter(self.counts)
@@ -127,14 +156,21 @@ class FaultProxy:
                 return self._first_mode
             return self._mode
 
-    def _record(self, outcome: str) -> None:
+    def _record(self, outcome: str, request: _ProxyHandler, body: bytes) -> None:
         with self._lock:
             self.counts[outcome] += 1
+            self._remember(outcome, request, body)
 
-    def _hang(self) -> None:
+    def _remember(self, outcome: str, request: _ProxyHandler, body: bytes) -> None:
+        """Keep the request in `seen` (the caller holds the lock)."""
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self._seen.append(Seen(request.command, request.path, headers, body, outcome))
+
+    def _hang(self, request: _ProxyHandler, body: bytes) -> None:
         """Block until the hang is lifted or the proxy stops (then the caller drops the connection)."""
         with self._lock:
             self.counts["hang"] += 1
+            self._remember("hang", request, body)
             generation = self._hang_generation
             while not self._stopped and self._hang_generation == generation:
                 self._lock.wait(0.5)
@@ -164,12 +200,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         body = self._read_body()
         mode = self.owner._decide(self.command)
         if mode == "hang":
-            self.owner._hang()
+            self.owner._hang(self, body)
             self.close_connection = True  # never answered: the client sees its read timeout or a close
             return
         if mode is not None:
             self._answer_fault(*FAULTS[mode])
-            self.owner._record(mode)
+            self.owner._record(mode, self, body)
             return
         self._forward(body)
 
@@ -200,14 +236,14 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             data = resp.read()
             status, reason, upstream_headers = resp.status, resp.reason, resp.getheaders()
         except OSError:
-            self.owner._record("upstream_error")
+            self.owner._record("upstream_error", self, body)
             self.send_response(502)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
         finally:
             conn.close()
-        self.owner._record("forwarded")
+        self.owner._record("forwarded", self, body)
         self.send_response(status, reason)
         length = None
         for k, v in upstream_headers:

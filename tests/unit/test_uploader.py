@@ -30,8 +30,8 @@ from ingestd.config import (
     SpoolConfig,
     WorkersConfig,
 )
-from ingestd.delivery import DeadlineReached, Delivery
-from ingestd.errors import PermanentSinkError, RetryableSinkError, SinkError
+from ingestd.delivery import UNCERTAIN_ATTEMPTS, DeadlineReached, Delivery
+from ingestd.errors import PermanentSinkError, RetryableSinkError, SinkError, UncertainSinkError
 from ingestd.intake import Admission, Intake
 from ingestd.journal import Intent, Journal, read_all_intents
 from ingestd.records import Kind, encode_lines, scan
@@ -374,6 +374,51 @@ def test_a_permanent_error_writes_a_dead_letter_with_the_same_key_and_closes_the
     assert world.row[UploaderField.UPLOADED_PAYLOADS] == 0 and world.row[UploaderField.DEAD_LETTER_BLOCKED] == 0
     assert world.journal_kinds() == [Kind.INTENT, Kind.DEAD] and world.open_intents() == []
     assert world.landed(a) == {(a.offset, 0): 2} and world.landed(b) == {(b.offset, 0): 1}
+
+
+def test_uncertain_errors_are_retried_and_the_object_lands_if_one_attempt_is_left(world: World) -> None:
+    ref, lines = world.log_request([{"n": 1}])
+    batch = world.batch_of(ref)
+    intent = world.delivery.cut(batch, world.journal)
+    world.sink.fail_next(UNCERTAIN_ATTEMPTS - 1, UncertainSinkError)
+    assert world.delivery.deliver(intent, world.journal, batch.body()) is True
+    assert world.sink.attempts == UNCERTAIN_ATTEMPTS
+    assert {k: gzip.decompress(v) for k, v in world.sink.objects.items()} == {intent.key: lines}
+    assert world.spool.dead_letters() == [] and world.row[UploaderField.DEAD_LETTERED_PAYLOADS] == 0
+    assert world.row[UploaderField.FAILED_UPLOADS] == UNCERTAIN_ATTEMPTS - 1
+    assert world.journal_kinds() == [Kind.INTENT, Kind.LANDED]
+
+
+def test_uncertain_errors_dead_letter_the_object_at_the_bound_with_the_error_as_reason(world: World) -> None:
+    ref, lines = world.log_request([{"n": 1}, {"n": 2}])
+    batch = world.batch_of(ref)
+    intent = world.delivery.cut(batch, world.journal)
+    # retryable failures in between neither count toward the bound nor reset it
+    world.sink.fail_next(2, UncertainSinkError)
+    world.sink.fail_next(3, RetryableSinkError)
+    world.sink.fail_always(UncertainSinkError)
+    assert world.delivery.deliver(intent, world.journal, batch.body()) is True
+    assert world.sink.attempts == UNCERTAIN_ATTEMPTS + 3 and world.sink.objects == {}
+    [path] = world.spool.dead_letters()
+    letter = world.spool.read_dead_letter(path)
+    assert letter is not None
+    meta, body = letter
+    assert (meta["key"], meta["count"], body) == (intent.key, 2, lines)
+    assert meta["reason"].startswith(f"{intent.key}: fake sink refuses {intent.key}"), meta["reason"]
+    assert f"refused {UNCERTAIN_ATTEMPTS} times" in meta["reason"], meta["reason"]
+    assert world.row[UploaderField.FAILED_UPLOADS] == UNCERTAIN_ATTEMPTS + 3
+    assert world.row[UploaderField.DEAD_LETTERED_PAYLOADS] == 2
+    assert world.journal_kinds() == [Kind.INTENT, Kind.DEAD] and world.landed(ref) == {(ref.offset, 0): 2}
+
+
+def test_the_uncertain_bound_is_per_put_so_a_replay_gets_the_whole_bound_again(world: World) -> None:
+    world.sink.fail_always(UncertainSinkError)
+    for _ in range(2):
+        before = world.sink.attempts
+        with pytest.raises(PermanentSinkError) as exc:
+            world.delivery.put_object("k", b"data", None, 1)
+        assert world.sink.attempts - before == UNCERTAIN_ATTEMPTS
+        assert isinstance(exc.value.__cause__, UncertainSinkError)
 
 
 def fill_spool(world: World, size: int) -> Path:
