@@ -22,7 +22,7 @@ def document(config: Config) -> dict[str, Any]:
     retry_after = {"Retry-After": {"description": "seconds to wait before sending again",
                                    "schema": {"type": "integer", "minimum": 0}}}
     health = {"description": "health snapshot", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}}
-    ingest_security: list[dict[str, list[str]]] = [{"bearer": []}] if config.auth.tokens or config.auth.tokens_file else []
+    ingest_security: list[dict[str, list[str]]] = [{"bearer": []}] if config.tenancy.auth_on else []
     return {
         "openapi": "3.0.3",
         "info": {"title": "ingestd", "version": __version__,
@@ -48,8 +48,10 @@ def document(config: Config) -> dict[str, Any]:
                                     "properties": {"accepted": {"type": "integer", "minimum": 1}}}}}},
                         "400": _error("malformed JSON, wrong shape, empty data, too many payloads"),
                         "401": _error("missing or wrong bearer token", {"WWW-Authenticate": {"schema": {"type": "string"}}}),
-                        "413": _error(f"body over {h.max_body_bytes} bytes, or over {h.max_decoded_bytes} decoded"),
+                        "413": _error(f"body over {h.max_body_bytes} bytes, or over {h.max_decoded_bytes} decoded, "
+                                      "or more payloads than one second of the tenant's rate"),
                         "415": _error("unsupported Content-Type or Content-Encoding"),
+                        "429": _error("the token's tenant is over its max_payloads_per_s; nothing was kept", retry_after),
                         "503": _error("queue full or draining; nothing was kept", retry_after),
                     },
                 }
