@@ -546,3 +546,21 @@ def s3_tables(bucket: str, endpoint: str, **sink: Any) -> dict[str, dict[str, An
     return {"sink": {"kind": "s3", "bucket": bucket, "endpoint_url": endpoint, "region": "us-east-1",
                      "prefix": "telemetry", "connect_timeout_s": 0.5, "read_timeout_s": 1.0,
                      "retry_base_ms": 50, "retry_max_ms": 500, **sink}}
+
+
+# -- shared by the fault tests -----------------------------------------------------------------------------
+
+BATCH = {"max_payloads": 20, "max_age_ms": 100}  # small, quick objects
+
+
+def counters(d: Any) -> dict[str, int]:
+    return d.health()["counters"]  # type: ignore[no-any-return]
+
+
+def sigterm(d: Any, timeout: float = 30.0) -> float:
+    """SIGTERM, wait for exit 0; returns how long the drain took."""
+    began = time.monotonic()
+    d.signal(signal.SIGTERM)
+    code = d.wait(timeout)
+    assert code == 0, f"exit {code}\n{d.log()}"
+    return time.monotonic() - began

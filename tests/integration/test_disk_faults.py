@@ -25,17 +25,17 @@ import requests
 
 from ingestd.records import parse_request, scan
 from tests.faults import (  # noqa: F401 - fixtures are used by name
-    FaultProxy,
-    Ledger,
+    BATCH,
     check_delivery,
     fault_proxy,
+    FaultProxy,
+    Ledger,
     run_ingestd,
     s3_tables,
     unique_prefix,
 )
 from tests.harness import Daemon, logs_root, payload_ids, read_bucket, read_directory_sink, spool_lines, wait_for
 
-BATCH = {"max_payloads": 20, "max_age_ms": 100}
 FAST_RETRY = {"retry_base_ms": 20, "retry_max_ms": 200}
 
 

@@ -9,46 +9,33 @@ test ends by comparing every acknowledged payload id with what landed in the buc
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
 
 from tests.faults import (  # noqa: F401 - fixtures are used by name
+    BATCH,
+    check_delivery,
+    counters,
+    fault_proxy,
     FaultProxy,
+    health_status,
     Ledger,
     Load,
-    RestartableMoto,
-    check_delivery,
-    fault_proxy,
-    health_status,
     peak_rss_bytes,
     restartable_moto,
+    RestartableMoto,
     run_ingestd,
     s3_tables,
+    sigterm,
     unique_prefix,
 )
 from tests.harness import dead_lines, payload_ids, read_bucket, spool_lines, wait_for
 
 pytestmark = pytest.mark.slow
 
-BATCH = {"max_payloads": 20, "max_age_ms": 100}
-
-
-def counters(d: Any) -> dict[str, int]:
-    return d.health()["counters"]
-
-
-def sigterm(d: Any, timeout: float = 30.0) -> float:
-    """SIGTERM, wait for exit 0; returns how long the drain took."""
-    began = time.monotonic()
-    d.signal(signal.SIGTERM)
-    code = d.wait(timeout)
-    assert code == 0, f"exit {code}\n{d.log()}"
-    return time.monotonic() - began
 
 
 def dead_files(spool: Path) -> list[Path]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import signal
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -20,30 +19,22 @@ import pytest
 
 from ingestd.delivery import UNCERTAIN_ATTEMPTS
 from tests.faults import (  # noqa: F401 - fixtures are used by name
-    FAULTS,
-    FaultProxy,
-    Ledger,
+    BATCH,
     check_delivery,
+    counters,
     fault_proxy,
+    FaultProxy,
+    FAULTS,
+    Ledger,
     run_ingestd,
     s3_tables,
+    sigterm,
     unique_prefix,
 )
 from tests.harness import dead_lines, payload_ids, read_bucket, wait_for
 
 pytestmark = pytest.mark.slow
 
-BATCH = {"max_payloads": 20, "max_age_ms": 100}
-
-
-def counters(d: Any) -> dict[str, int]:
-    return d.health()["counters"]
-
-
-def sigterm(d: Any, timeout: float = 30.0) -> None:
-    d.signal(signal.SIGTERM)
-    code = d.wait(timeout)
-    assert code == 0, f"exit {code}\n{d.log()}"
 
 
 def dead_letters(spool: Path) -> list[dict[str, Any]]:
