@@ -23,8 +23,7 @@ from .health import Health, render_metrics
 from .intake import Admission, Intake
 from .openapi import document
 from .ratelimit import RateLimiter
-from .records import encode_lines, exact_dumps
-from .validation import Limits, Rejection, decode_collection
+from .validation import Limits, Rejection, decode_collection, encode_collection
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ class PayloadsResource:
 
     def __init__(self, config: Config, intake: Intake, limiter: RateLimiter | None, clock: Callable[[], float]) -> None:
         h = config.http
-        self.limits = Limits(h.max_body_bytes, h.max_decoded_bytes, h.max_payloads)
+        self.limits = Limits.from_config(h)
         self.intake = intake
         tenancy = config.tenancy
         self.tenant_names = tenancy.names
@@ -91,10 +90,7 @@ class PayloadsResource:
         body = stream.read(limits.max_body_bytes + 1)
         collection = decode_collection(content_type, content_encoding, body, limits)
         now = self.clock()
-        if collection.exact:
-            lines = encode_lines(now, collection.version, collection.payloads, exact_dumps)
-        else:
-            lines = encode_lines(now, collection.version, collection.payloads)
+        lines = encode_collection(now, collection, limits)
         count = len(collection.payloads)
         if limited:
             assert limiter is not None

@@ -70,9 +70,18 @@ class HttpConfig:
     listen: str = _opt("127.0.0.1:8080", "address and port to listen on (port 0: any free port)", _listen)
     max_body_bytes: int = _opt(1048576, "largest request body accepted, as sent (before gzip decoding)", _positive)
     max_decoded_bytes: int = _opt(
-        0, "largest request body after gzip decoding, enforced while decoding; 0: 4 x max_body_bytes", _non_negative
+        0, "largest request body after gzip decoding, enforced while decoding; 0: 2 x max_body_bytes", _non_negative
     )
     max_payloads: int = _opt(10000, "most payloads accepted in one request", _positive)
+    max_json_values: int = _opt(
+        120000, "most JSON values in one body, counted before parsing as its commas, '[' and '{' (those inside "
+        "strings too); a body with integers beyond 64 bits counts 4 times", _positive)
+    max_decode_ratio: int = _opt(
+        100, "a gzip body may decode to at most this many times its size, beyond its first MiB; 0: no ratio limit",
+        _non_negative)
+    max_payload_bytes: int = _opt(1048576, "largest payload as stored (its JSON, without the envelope)", _positive)
+    max_version_bytes: int = _opt(256, "longest \"version\" string, in UTF-8 bytes (it is stored on every line)",
+                                  _positive)
     threads: int = _opt(4, "waitress worker threads per listener that run the request handler", _positive)
     listeners: int = _opt(2, "listener processes serving HTTP on the listen port (SO_REUSEPORT)", _positive)
     connection_limit: int = _opt(1000, "most open client connections; more wait in the listen backlog", _positive)
@@ -84,7 +93,7 @@ class HttpConfig:
 
     def __post_init__(self) -> None:
         if self.max_decoded_bytes == 0:  # derived default: a few times the raw limit, far below 1 GiB
-            derived = min(4 * self.max_body_bytes, max(DECODED_CAP, self.max_body_bytes))
+            derived = min(2 * self.max_body_bytes, max(DECODED_CAP, self.max_body_bytes))
             object.__setattr__(self, "max_decoded_bytes", derived)
 
 
