@@ -88,6 +88,10 @@ class HttpConfig:
     channel_timeout_s: int = _opt(30, "close a client connection idle this long between requests", _positive)
     request_timeout_s: int = _opt(30, "from a request's first byte to its last: a request not whole by then is cut "
                                       "(the connection closed)", _positive)
+    keepalive_requests: int = _opt(1000, "close a client connection after this many requests (it reconnects: new "
+                                         "connections spread over the listeners)", _positive)
+    keepalive_time_s: int = _opt(60, "close a client connection after this many seconds, at its next answer",
+                                 _positive)
     health_detail: bool = _opt(True, "false: /health and /metrics leave out pids, RSS and CPU of the processes")
     retry_after_s: int = _opt(1, "value of Retry-After on 503 answers", _positive)
 

@@ -13,6 +13,12 @@ a body. So ingestd's waitress server has its own request parser and channel:
   bytes are bounded by `http.connection_limit x (max_body_bytes + 8 KiB of headers)`.
 - **JSON errors**: waitress' own refusals (400 unparsable request, 413, 431 headers too large,
   501) get the same `{"title", "description"}` body as the app's.
+- **Keep-alive rebalancing**: a connection is closed after `http.keepalive_requests` requests
+  or `http.keepalive_time_s` seconds (its last answer says `Connection: close`), as nginx's
+  `keepalive_requests` / `keepalive_time` do. The kernel spreads *new* connections over the
+  listeners' SO_REUSEPORT sockets, so without this a load balancer's long-lived connections
+  would stay on whichever listeners were up when they were opened, and a listener that starts
+  or restarts late would get none of them.
 - **`http.request_timeout_s`**: a request not whole within that time of its first byte is cut
   (the connection closed), however slowly it trickles; `channel_timeout_s` stays the limit for
   idle keep-alive connections. Checked every second by the server's maintenance pass.
@@ -84,9 +90,15 @@ def make_parser(gate: Gate, headers_of: RejectionHeaders, max_body_bytes: int,
                 count_refusal: Callable[[], None]) -> type[HTTPRequestParser]:
     class IngestParser(HTTPRequestParser):  # type: ignore[misc]
         gated = False
+        counted = False
+        channel: IngestChannel | None = None
 
         def received(self, data: bytes) -> int:
             n: int = super().received(data)
+            if getattr(self, "completed", False) and not self.counted and not self.empty and self.channel is not None:
+                self.counted = True
+                if self.channel.served_enough():
+                    self.headers["CONNECTION"] = "close"  # answered, then closed: the client reconnects
             error: Error | None = getattr(self, "error", None)
             if self.headers_finished and not self.gated:
                 self.gated = True
@@ -112,6 +124,21 @@ def make_parser(gate: Gate, headers_of: RejectionHeaders, max_body_bytes: int,
 
 class IngestChannel(HTTPChannel):  # type: ignore[misc]
     request_started = 0.0  # when the request being received (self.request) began to arrive
+    served = 0  # requests received whole on this connection
+    keepalive_requests = 1000
+    keepalive_time_s = 60.0
+    parser_type: Any = HTTPRequestParser
+
+    def parser_class(self, adj: Adjustments) -> Any:
+        """waitress calls `self.parser_class(adj)` for each request: hand the parser its channel."""
+        parser = self.parser_type(adj)
+        parser.channel = self
+        return parser
+
+    def served_enough(self) -> bool:
+        """One more request received whole: is it this connection's last?"""
+        self.served += 1
+        return self.served >= self.keepalive_requests or time.time() - self.creation_time >= self.keepalive_time_s
 
     def received(self, data: bytes) -> bool:
         before = self.request
@@ -159,6 +186,10 @@ def create_server(app: Any, config: Config, sock: socket.socket, gate: Gate, hea
     server = IngestServer(app, {}, True, sock, dispatcher=dispatcher, adj=adj, bind_socket=False,
                           sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()))
     server.request_timeout_s = float(h.request_timeout_s)
-    channel = type("Channel", (IngestChannel,), {"parser_class": make_parser(gate, headers_of, h.max_body_bytes, count_refusal)})
+    channel = type("Channel", (IngestChannel,), {
+        "parser_type": make_parser(gate, headers_of, h.max_body_bytes, count_refusal),
+        "keepalive_requests": h.keepalive_requests,
+        "keepalive_time_s": float(h.keepalive_time_s),
+    })
     server.channel_class = channel
     return server

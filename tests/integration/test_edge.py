@@ -192,3 +192,38 @@ def test_health_detail_off_over_http(daemon_factory: Callable[..., Daemon]) -> N
     metrics = requests.get(d.url + "/metrics", timeout=5).text
     assert "ingestd_rss_bytes" not in metrics and "ingestd_ready 1.0" in metrics
     assert d.stop(30) == 0
+
+
+# -- keep-alive rebalancing ------------------------------------------------------------------------------
+
+def _exchange_on(sock: socket.socket, n: int) -> bytes:
+    body = orjson.dumps({"data": [{"id": f"ka-{n}"}]})
+    sock.sendall(b"POST /v1/payloads HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    return answer
+
+
+def test_a_connection_is_closed_after_keepalive_requests_and_keepalive_time(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory({"http": {"keepalive_requests": 3, "keepalive_time_s": 1}}).start()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:
+        answers = [_exchange_on(s, i) for i in range(3)]
+        assert [split(a)[0] for a in answers] == [202, 202, 202]
+        assert [split(a)[1].get("connection") for a in answers] == [None, None, "close"]
+        assert s.recv(100) == b""  # closed by the server after the third answer
+    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:  # by age
+        opened = time.monotonic()
+        first = split(_exchange_on(s, 3))
+        assert first[0] == 202 and (first[1].get("connection") is None or time.monotonic() - opened >= 1)
+        while time.monotonic() - opened < 1.1:  # the feature is about time: let the connection age
+            time.sleep(0.05)
+        second = split(_exchange_on(s, 4))
+        assert second[0] == 202 and second[1].get("connection") == "close", second
+        assert s.recv(100) == b""
+    assert d.stop(30) == 0
+    assert len(payload_ids(read_directory_sink(d.workdir / "objects"))) == 5
