@@ -157,11 +157,13 @@ class Delivery:
 
     def _dead_letter(self, intent: Intent, journal: Journal, body: bytes, count: int, reason: str) -> None:
         def write() -> None:
-            used = self.spool.used_bytes()
-            if used + len(body) > self.spool.config.max_bytes:
-                raise OSError(28, f"spool.max_bytes reached ({used} of {self.spool.config.max_bytes} bytes used)")
-            path = self.spool.write_dead_letter(intent.key, intent.encoding, intent.level, count, body,
-                                                f"{intent.key}: {reason}")
+            with self.spool.dead_letter_guard():  # the check and the write, one process at a time
+                used = self.spool.used_bytes()
+                # besides the body: its metadata (the key twice, with the reason) and two frames
+                if used + len(body) + 2 * len(intent.key) + len(reason) + 256 > self.spool.config.max_bytes:
+                    raise OSError(28, f"spool.max_bytes reached ({used} of {self.spool.config.max_bytes} bytes used)")
+                path = self.spool.write_dead_letter(intent.key, intent.encoding, intent.level, count, body,
+                                                    f"{intent.key}: {reason}")
             log.error("%s: sink refused %s for good (%s); %d payloads dead-lettered to %s", self.name, intent.key,
                       reason, count, path)
 

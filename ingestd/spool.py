@@ -22,6 +22,7 @@ Every file is written by one owner, and files appear by atomic rename where read
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -30,6 +31,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import IO, Any
 
 import orjson
@@ -155,6 +157,20 @@ class Spool:
         self.root.mkdir(parents=True, exist_ok=True)
         if not self._daemon_lock.acquire():
             raise SpoolLockedError(f"spool {self.root} is in use by another ingestd process")
+
+    @contextlib.contextmanager
+    def dead_letter_guard(self) -> Iterator[None]:
+        """Held while one process checks the spool cap and writes a dead letter, so that two
+        uploaders (or an uploader and `ingestd replay`) cannot both pass the check and together
+        go over it. A `flock` (not `*.lock`: that glob is the child locks), dropped by the kernel
+        if its holder dies."""
+        self.locks_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.locks_dir / "dead-letters", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def child_lock(self, name: str) -> Lock:
         return Lock(self.locks_dir / f"{name}.lock")

@@ -394,3 +394,34 @@ def test_overflow_survives_on_disk_when_the_logs_root_is_lost(tmp_path: Path) ->
     assert scan((after_reboot.listener_dir(0) / "0000000001.log").read_bytes()).good_end == len(
         before["logs/0/0000000001.log"])
     assert os.path.isdir(after_reboot.journals_dir)
+
+
+def _hold_dead_letter_guard(spool_path: str, held: "multiprocessing.Queue[int]") -> None:
+    import signal
+
+    with Spool(SpoolConfig(path=spool_path)).dead_letter_guard():
+        held.put(os.getpid())
+        signal.pause()
+
+
+def test_the_dead_letter_guard_excludes_other_processes_and_dies_with_its_holder(spool: Spool) -> None:
+    import fcntl
+    import multiprocessing
+    import signal
+
+    ctx = multiprocessing.get_context("spawn")
+    held: multiprocessing.Queue[int] = ctx.Queue()
+    p = ctx.Process(target=_hold_dead_letter_guard, args=(str(spool.root), held))
+    p.start()
+    held.get(timeout=30)
+    fd = os.open(spool.locks_dir / "dead-letters", os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):  # another uploader cannot check the cap meanwhile
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.kill(p.pid, signal.SIGKILL)  # killed while holding it
+        p.join(30)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel let it go
+    finally:
+        os.close(fd)
+    with spool.dead_letter_guard():
+        pass
