@@ -20,9 +20,12 @@ import orjson
 
 from .config import Config
 from .health import Health, render_metrics
+from .histograms import RequestTiming
+from .histograms import render as render_histograms
 from .intake import Admission, Intake
 from .openapi import document
 from .ratelimit import RateLimiter
+from .scoreboard import Role
 from .validation import Limits, Rejection, decode_collection, encode_collection
 
 log = logging.getLogger(__name__)
@@ -159,7 +162,8 @@ class HealthResource:
 
     def on_get_ready(self, req: falcon.Request, resp: falcon.Response) -> None:
         snap = self.health.snapshot()
-        _json(resp, 200 if snap["ready"] else 503, {"ready": snap["ready"], "status": snap["status"]})
+        _json(resp, 200 if snap["ready"] else 503,
+              {"ready": snap["ready"], "status": snap["status"], "reasons": snap["reasons"]})
 
 
 class MetricsResource:
@@ -168,7 +172,8 @@ class MetricsResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        resp.data = render_metrics(self.health.public(self.health.snapshot()))
+        resp.data = render_metrics(self.health.public(self.health.snapshot())) + render_histograms(
+            self.health.board.all_histograms())
 
 
 class OpenApiResource:
@@ -207,15 +212,17 @@ class FastIngest:
     cost about a fifth of the handler's time. Everything else goes to the falcon app."""
 
     def __init__(self, payloads: PayloadsResource, app: falcon.App[falcon.Request, falcon.Response], intake: Intake,
-                 retry_after_s: int) -> None:
+                 retry_after_s: int, timing: RequestTiming) -> None:
         self.payloads = payloads
         self.app = app
         self.intake = intake
         self.retry_after_s = retry_after_s
+        self.timing = timing
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if environ.get("PATH_INFO") != "/v1/payloads" or environ.get("REQUEST_METHOD") != "POST":
             return self.app(environ, start_response)
+        started = self.timing.clock()
         try:
             length = environ.get("CONTENT_LENGTH")
             if length and not length.isdigit():
@@ -227,14 +234,18 @@ class FastIngest:
             self.intake.count_rejection(ex.tenant)
             status, headers, body = rejection_response(ex, self.retry_after_s)
             start_response(status, headers)
+            self.timing.observe(ex.status, started)
             return [body]
         body = b'{"accepted":%d}' % count
         start_response("202 Accepted", [("Content-Type", JSON), ("Content-Length", str(len(body)))])
+        self.timing.observe(202, started)
         return [body]
 
 
 def create_app(config: Config, intake: Intake, health: Health, limiter: RateLimiter | None = None,
-               clock: Callable[[], float] = time.time) -> FastIngest:
+               clock: Callable[[], float] = time.time, timing: RequestTiming | None = None) -> FastIngest:
+    """`timing`: where ingest requests are timed; by default the histograms of the intake's
+    listener row on the scoreboard."""
     app = falcon.App(media_type=JSON)
     app.req_options.strip_url_path_trailing_slash = True
 
@@ -261,4 +272,5 @@ def create_app(config: Config, intake: Intake, health: Health, limiter: RateLimi
     app.add_route("/health/ready", health_resource, suffix="ready")
     app.add_route("/metrics", MetricsResource(health))
     app.add_route("/openapi.json", OpenApiResource(config))
-    return FastIngest(payloads, app, intake, config.http.retry_after_s)
+    timing = timing or RequestTiming(intake.board.histograms(Role.LISTENER, intake.index))
+    return FastIngest(payloads, app, intake, config.http.retry_after_s, timing)

@@ -1,4 +1,5 @@
-"""Command line: `ingestd --config FILE`, `ingestd check-config`, `ingestd replay`, `--version`."""
+"""Command line: `ingestd --config FILE`, `ingestd check-config`, `ingestd replay`, `ingestd athena-ddl`,
+`--version`."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run the daemon in the foreground (the default)")
     sub.add_parser("check-config", help="validate the config file and print the effective config")
     sub.add_parser("replay", help="deliver what sits in the spool (dead letters; with the daemon stopped, also the logs)")
+    ddl = sub.add_parser("athena-ddl", help="print the Athena CREATE EXTERNAL TABLE for the configured layout and format")
+    ddl.add_argument("--table", default="ingestd_events", help="table name (default: ingestd_events)")
+    ddl.add_argument("--location", default="", help="s3://bucket the keys start in (default: s3://<sink.bucket>)")
+    ddl.add_argument("--since", default="", help="first date of the date projection, YYYY-MM-DD (default: today, UTC)")
     for sp in sub.choices.values():
         sp.add_argument("--config", default=argparse.SUPPRESS, help="config file")
     return p
@@ -46,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "run"
     if command == "check-config":
         sys.stdout.write(describe(config))
+        return 0
+    if command == "athena-ddl":
+        from .athena import athena_ddl
+
+        sys.stdout.write(athena_ddl(config, args.table, args.location, args.since))
         return 0
     setup_logging(config.log)
     if command == "replay":

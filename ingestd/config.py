@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -54,7 +55,37 @@ def _gzip_level(v: Any) -> str | None:
     return None if 1 <= v <= 9 else "must be between 1 and 9"
 
 
+def _zstd_level(v: Any) -> str | None:
+    return None if 1 <= v <= 19 else "must be between 1 and 19"
+
+
+def _key_template(v: Any) -> str | None:
+    from .partitions import KeyTemplate
+
+    try:
+        KeyTemplate.parse(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+PARQUET_TYPES = ("string", "int64", "double", "bool", "timestamp")
+
+
+def _parquet_columns(v: Any) -> str | None:
+    for name, kind in v:
+        if name in ("received_at", "version", "payload"):
+            return f"{name!r} is one of the lossless columns (received_at, version, payload)"
+        if not name:
+            return "a column needs a name"
+        if kind not in PARQUET_TYPES:
+            return f"column {name!r}: type must be one of " + ", ".join(PARQUET_TYPES)
+    return None
+
+
 DECODED_CAP = 256 * 1024 * 1024
+HTTP_SERVERS = ("waitress", "uvloop")
+FAST_FRONT_PACKAGES = ("uvloop", "httptools")  # the `fast` extra
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -82,7 +113,8 @@ class HttpConfig:
     max_payload_bytes: int = _opt(1048576, "largest payload as stored (its JSON, without the envelope)", _positive)
     max_version_bytes: int = _opt(256, "longest \"version\" string, in UTF-8 bytes (it is stored on every line)",
                                   _positive)
-    threads: int = _opt(4, "waitress worker threads per listener that run the request handler", _positive)
+    threads: int = _opt(4, "worker threads per listener that run the request handler (server = uvloop: only for "
+                           "encoded or large bodies, journal_fsync = always and paths other than ingest)", _positive)
     listeners: int = _opt(2, "listener processes serving HTTP on the listen port (SO_REUSEPORT)", _positive)
     connection_limit: int = _opt(1000, "most open client connections; more wait in the listen backlog", _positive)
     channel_timeout_s: int = _opt(30, "close a client connection idle this long between requests", _positive)
@@ -93,6 +125,8 @@ class HttpConfig:
     keepalive_time_s: int = _opt(60, "close a client connection after this many seconds, at its next answer",
                                  _positive)
     health_detail: bool = _opt(True, "false: /health and /metrics leave out pids, RSS and CPU of the processes")
+    server: str = _opt("waitress", "the HTTP front: waitress | uvloop (ingestd's own front on uvloop and httptools, "
+                                   "faster; needs the extra: pip install 'ingestd[fast]')", _one_of(*HTTP_SERVERS))
     retry_after_s: int = _opt(1, "value of Retry-After on 503 answers", _positive)
 
     def __post_init__(self) -> None:
@@ -166,11 +200,22 @@ class WorkersConfig:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    max_payloads: int = _opt(500, "most payloads in one stored object", _positive)
+    max_payloads: int = _opt(1000, "most payloads in one stored object (1000: at most ~1,000 PUTs per million payloads)", _positive)
     max_bytes: int = _opt(8388608, "largest uncompressed object body, envelopes included", _positive)
     max_age_ms: int = _opt(1000, "longest a received payload waits before its object is written", _positive)
-    compression: str = _opt("gzip", "object compression: gzip | none", _one_of("gzip", "none"))
+    compression: str = _opt("gzip", "object compression: gzip | zstd | none (parquet: its column codec)",
+                            _one_of("gzip", "zstd", "none"))
     gzip_level: int = _opt(6, "gzip level, 1 (fastest) to 9 (smallest)", _gzip_level)
+    zstd_level: int = _opt(3, "zstd level, 1 (fastest) to 19 (smallest)", _zstd_level)
+    format: str = _opt("ndjson", "object format: ndjson | parquet (needs the extra: pip install 'ingestd[parquet]')",
+                       _one_of("ndjson", "parquet"))
+    parquet_columns: tuple[tuple[str, str], ...] = _opt(
+        (), "typed Parquet columns from top-level payload fields, e.g. { device_id = \"string\", seq = \"int64\" }; "
+        "types: string | int64 | double | bool | timestamp", _parquet_columns)
+    max_partitions: int = _opt(1000, "most partitions (key folders) with an object open at once per uploader; "
+                                     "payloads of more go to the _overflow partition", _positive)
+    target_object_bytes: int = _opt(0, "aim for objects of this stored (compressed) size, within max_payloads and "
+                                       "max_bytes; 0: objects are bounded by those two alone", _non_negative)
 
 
 @dataclass(frozen=True)
@@ -178,7 +223,9 @@ class SinkConfig:
     kind: str = _opt("directory", "where objects go: directory | s3", _one_of("directory", "s3"))
     path: str = _opt("./data/objects", "directory sink: root folder of the objects")
     fsync: bool = _opt(True, "directory sink: fsync each object before it is renamed into place")
-    prefix: str = _opt("", "key prefix before dt=…/hour=… (no leading or trailing slash needed)")
+    key_template: str = _opt("{prefix}/dt={date}/hour={hour}", "folder part of object keys: {prefix}, {date}, "
+                             "{hour} (UTC, from each payload's received_at), {tenant}, {payload.NAME}", _key_template)
+    prefix: str = _opt("", "value of {prefix} in key_template (no leading or trailing slash needed)")
     bucket: str = _opt("", "s3 sink: bucket name")
     region: str = _opt("", "s3 sink: region; empty: from the AWS environment")
     endpoint_url: str = _opt("", "s3 sink: endpoint of an S3-compatible store; empty: AWS")
@@ -216,6 +263,9 @@ class SpoolConfig:
 
 @dataclass(frozen=True)
 class ShutdownConfig:
+    lame_duck_s: float = _opt(0.0, "on SIGTERM, first this long still accepting while /health/ready answers 503, so "
+                                   "a load balancer takes the host out before it drains (a second SIGTERM: at once)",
+                              _non_negative)
     drain_timeout_s: float = _opt(30.0, "on SIGTERM, time to deliver what is logged; the rest stays in the spool for the next start", _non_negative)
 
 
@@ -254,6 +304,11 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         value = float(value) if ok else value
     elif hint is str:
         ok = isinstance(value, str)
+    elif hint == tuple[tuple[str, str], ...]:  # an inline table of strings
+        ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        value = tuple(value.items()) if ok else value
+        if not ok:
+            raise ConfigError(f"{where}: expected a table of strings, e.g. {{ name = \"string\" }}, got {value!r}")
     elif hint == tuple[TenantConfig, ...]:
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             raise ConfigError(f"{where}: expected [[{where.strip('[]').replace('].', '.')}]] tables, got {value!r}")
@@ -306,6 +361,19 @@ def from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> Config:
 def _cross_check(config: Config) -> None:
     if config.sink.kind == "s3" and not config.sink.bucket:
         raise ConfigError("[sink].bucket: required when [sink].kind = \"s3\"")
+    if config.batch.format == "parquet":
+        from .formats import parquet_available
+
+        if not parquet_available():
+            raise ConfigError("[batch].format: \"parquet\" needs pyarrow, which is not installed: "
+                              "pip install 'ingestd[parquet]'")
+    elif config.batch.parquet_columns:
+        raise ConfigError("[batch].parquet_columns: set, but [batch].format is not \"parquet\"")
+    if config.http.server == "uvloop":
+        missing = [name for name in FAST_FRONT_PACKAGES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(f"[http].server: \"uvloop\" needs {' and '.join(missing)}, not installed: "
+                              "pip install 'ingestd[fast]'")
     if config.http.max_decoded_bytes < config.http.max_body_bytes:
         raise ConfigError("[http].max_decoded_bytes: must be at least [http].max_body_bytes")
 
@@ -399,7 +467,9 @@ def describe(config: Config) -> str:
         lines.append(f"\n[{table.name}]")
         section = getattr(config, table.name)
         for f in dataclasses.fields(section):
-            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}  # {f.metadata['help']}")
+            value = getattr(section, f.name)
+            text = "{}" if f.name == "parquet_columns" and not value else _toml_value(value)
+            lines.append(f"{f.name} = {text}  # {f.metadata['help']}")
     return "\n".join(lines) + "\n"
 
 
@@ -412,6 +482,8 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, TenantConfig):  # an inline table, its tokens redacted like the flat ones
         return "{ " + ", ".join(f"{f.name} = {_toml_value(getattr(v, f.name))}" for f in dataclasses.fields(v)) + " }"
     if isinstance(v, tuple):
+        if v and isinstance(v[0], tuple):  # parquet_columns: an inline table
+            return "{ " + ", ".join(f"{_toml_value(k)} = {_toml_value(t)}" for k, t in v) + " }"
         if v and isinstance(v[0], TenantConfig):
             return "[" + ", ".join(_toml_value(t) for t in v) + "]"
         return "[" + ", ".join('"<redacted>"' for _ in v) + "]"
@@ -425,7 +497,8 @@ def reference_rows() -> list[tuple[str, str, str]]:
         if table.name in _NOT_TABLES:
             continue
         for f in dataclasses.fields(get_type_hints(Config)[table.name]):
-            rows.append((f"{table.name}.{f.name}", _toml_value(f.default) if f.default != () else "[]", f.metadata["help"]))
+            empty = "{}" if f.name == "parquet_columns" else "[]"
+            rows.append((f"{table.name}.{f.name}", _toml_value(f.default) if f.default != () else empty, f.metadata["help"]))
             if f.name == "tenants":
                 for t in dataclasses.fields(TenantConfig):
                     rows.append((f"{table.name}.tenants[].{t.name}", _toml_value(t.default) if t.default != () else "[]",

@@ -1,8 +1,8 @@
 """Delivery: one object from intent to outcome. Used by uploaders and `ingestd replay` alike.
 
-`Delivery.cut` turns a batch into an `Intent` (key from the batch's oldest payload and a fresh
-id) and journals it; `Delivery.deliver` encodes the object (gzip with mtime 0: the same intent
-always gives the same bytes), puts it with exponential backoff and full jitter until it lands
+`Delivery.cut` turns a batch into an `Intent` (key from the batch's partition folder, its oldest
+payload and a fresh id) and journals it; `Delivery.deliver` encodes the object (formats.py: the
+same intent always gives the same NDJSON bytes), puts it with exponential backoff and full jitter until it lands
 or the deadline passes, and records the outcome: LANDED, or DEAD once a permanent refusal has
 been written to the dead-letter spool. Either way the parts are then recorded as landed beside
 their log segments, which lets the listeners delete them. A refusal the sink gives no known
@@ -17,7 +17,6 @@ the daemon answers 503.
 
 from __future__ import annotations
 
-import gzip
 import logging
 import random
 import secrets
@@ -25,13 +24,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import formats
 from .batching import Batch
+from .config import Config
 from .errors import (
     PermanentSinkError,
     RetryableSinkError,
     SinkError,
     UncertainSinkError,
 )
+from .histograms import DeliveryHistograms
 from .journal import Intent, Journal
 from .requestlog import Part, append_landed, read_parts
 from .scoreboard import Row, UploaderField, now_ms
@@ -51,36 +53,51 @@ class DeadlineReached(Exception):
 
 
 class Delivery:
-    def __init__(self, name: str, sink: Sink, spool: Spool, keys: KeyMaker, compression: str, gzip_level: int,
+    def __init__(self, name: str, sink: Sink, spool: Spool, encoding: str | None, level: int,
                  retry_base_ms: int, retry_max_ms: int, row: Row, deadline_ms: Callable[[], int],
-                 sleep: Callable[[float], None] = time.sleep, alive: Callable[[], None] = lambda: None) -> None:
+                 sleep: Callable[[float], None] = time.sleep, alive: Callable[[], None] = lambda: None,
+                 columns: tuple[tuple[str, str], ...] = (), host: str | None = None) -> None:
         self.name = name  # "uploader 1", "replay": for log lines
         self.sink = sink
         self.spool = spool
-        self.keys = keys
-        self.encoding = "gzip" if compression == "gzip" else None
-        self.gzip_level = gzip_level
+        self.encoding = encoding  # formats.py: of objects cut from now on
+        self.level = level
+        self.columns = columns  # Parquet's typed columns
+        self.keys = KeyMaker(formats.extension(encoding), host)
+        self.stored_ratio = 0.0  # stored / uncompressed size of recent objects (a moving average; 0: none yet)
         self.retry_base_ms = retry_base_ms
         self.retry_max_ms = retry_max_ms
         self.row = row
         self.deadline_ms = deadline_ms  # 0: none
         self.sleep = sleep
         self.alive = alive  # heartbeat while waiting
+        self.histograms = DeliveryHistograms.detached()  # run_uploader gives it its scoreboard row's
+
+    @classmethod
+    def for_config(cls, name: str, config: Config, sink: Sink, spool: Spool, row: Row,
+                   deadline_ms: Callable[[], int], alive: Callable[[], None] = lambda: None) -> Delivery:
+        """The delivery of the objects this config cuts (uploaders and `replay`)."""
+        b, s = config.batch, config.sink
+        level = b.zstd_level if b.compression == "zstd" else b.gzip_level
+        return cls(name, sink, spool, formats.encoding_of(b.format, b.compression), level, s.retry_base_ms,
+                   s.retry_max_ms, row, deadline_ms=deadline_ms, alive=alive, columns=b.parquet_columns)
 
     def cut(self, batch: Batch, journal: Journal) -> Intent:
         """The intent of `batch`, journaled (raises OSError when the journal cannot be written)."""
         intent_id = secrets.token_hex(8)
-        intent = Intent(intent_id, self.keys.key(batch.oldest, intent_id), self.encoding, self.gzip_level,
+        intent = Intent(intent_id, self.keys.key(batch.folder, batch.oldest, intent_id), self.encoding, self.level,
                         batch.parts, batch.count, batch.size, batch.oldest)
         journal.intend(intent)
+        self.histograms.cut(intent_id, [(p.received_at, p.part.count) for p in batch.pieces])
         return intent
 
-    @staticmethod
-    def encode(body: bytes, encoding: str | None, level: int) -> bytes:
-        """The object's bytes: the same body, encoding and level always give the same bytes."""
-        if encoding == "gzip":
-            return gzip.compress(body, compresslevel=level, mtime=0)
-        return body
+    def encode(self, body: bytes, encoding: str | None, level: int) -> bytes:
+        """The object's stored bytes (formats.py)."""
+        data = formats.encode(body, encoding, level, self.columns)
+        if body:
+            ratio = len(data) / len(body)
+            self.stored_ratio = 0.5 * (self.stored_ratio or ratio) + 0.5 * ratio
+        return data
 
     def deliver(self, intent: Intent, journal: Journal, body: bytes | None = None) -> bool:
         """Put the object of `intent` and record the outcome. `body` is read back from the logs
@@ -104,11 +121,12 @@ class Delivery:
                      count)
         data = self.encode(body, intent.encoding, intent.level)
         try:
-            self.put_object(intent.key, data, intent.encoding, count)
+            self.put_object(intent.key, data, formats.content_encoding(intent.encoding), count)
         except PermanentSinkError as e:
             self._dead_letter(intent, journal, body, count, str(e))
             return True
         self._close(intent, journal)
+        self.histograms.landed(intent.id, intent.oldest, count, len(data))
         self.row.add(UploaderField.UPLOADED_PAYLOADS, count)
         self.row.add(UploaderField.UPLOADED_OBJECTS)
         self.row[UploaderField.LAST_OK_MS] = now_ms()
@@ -134,10 +152,13 @@ class Delivery:
         uncertain one (its message then says how many attempts were made)."""
         attempt = uncertain = 0
         while True:
+            started = self.histograms.clock_ns()
             try:
                 self.sink.put(key, data, encoding)
+                self.histograms.put(True, started)
                 return
             except RetryableSinkError as e:
+                self.histograms.put(False, started)
                 self.row.add(UploaderField.FAILED_UPLOADS)
                 self.row[UploaderField.LAST_FAIL_MS] = now_ms()
                 if isinstance(e, UncertainSinkError):
@@ -151,6 +172,7 @@ class Delivery:
                             self.name, key, attempt, count, delay, e)
                 self._wait(delay)
             except PermanentSinkError:
+                self.histograms.put(False, started)
                 self.row.add(UploaderField.FAILED_UPLOADS)
                 self.row[UploaderField.LAST_FAIL_MS] = now_ms()
                 raise

@@ -98,6 +98,7 @@ class Health:
         for w, row in zip(uploaders, board.rows(Role.UPLOADER)):
             w["booted"] = bool(w["pid"]) and row[UploaderField.BOOTED_PID] == w["pid"]
             w["pending_payloads"] = row[UploaderField.PENDING_PAYLOADS]
+            w["open_partitions"] = row[UploaderField.OPEN_PARTITIONS]
         listeners = self._children(Role.LISTENER)
         for x, row in zip(listeners, board.rows(Role.LISTENER)):
             x["serving"] = bool(x["pid"]) and row[ListenerField.SERVING_PID] == x["pid"]
@@ -118,10 +119,14 @@ class Health:
         blocked = "; ".join([f"listener {x['index']}: request log not writable ({x['log_error']})"
                              for x in listeners if x["log_error"]]
                             + shared_refusals(board, self.spool_max_bytes)) or None
-        draining = board.phase is not Phase.RUNNING
+        lame_duck_ms = board.control[Control.LAME_DUCK_MS]
+        draining = board.phase is not Phase.RUNNING or bool(lame_duck_ms)
         reasons = []
-        if draining:
+        if board.phase is not Phase.RUNNING:
             reasons.append("draining")
+        elif lame_duck_ms:
+            left = max(0.0, (lame_duck_ms - now_ms()) / 1000)
+            reasons.append(f"shutting down: still accepting for {left:.1f} s (shutdown.lame_duck_s), then draining")
         if not any(w["booted"] for w in uploaders):
             reasons.append("no uploader has booted")
         if not all(board.listener(i)[ListenerField.SERVING_PID] for i in range(len(listeners))):
@@ -159,6 +164,7 @@ class Health:
                 "reindexed_payloads": board.total(Role.LISTENER, ListenerField.REINDEXED_PAYLOADS),
                 "resent_objects": board.total(Role.UPLOADER, UploaderField.RESENT_OBJECTS),
                 "damaged_records": board.total(Role.UPLOADER, UploaderField.DAMAGED_RECORDS),
+                "overflow_payloads": board.total(Role.UPLOADER, UploaderField.OVERFLOW_PAYLOADS),
                 "quarantined_bytes": board.total(Role.LISTENER, ListenerField.QUARANTINED_BYTES),
             },
             "tenants": {
@@ -201,6 +207,7 @@ _COUNTER_HELP = {
     "reindexed_payloads": "Payloads put back on the queue after a child process died.",
     "resent_objects": "Objects sent again to their own key after a crash left them without an outcome.",
     "damaged_records": "Logged records that failed their checksum when read (quarantined).",
+    "overflow_payloads": "Payloads written to an _overflow partition because batch.max_partitions were open.",
     "quarantined_bytes": "Damaged bytes found in request logs at recovery (quarantined).",
 }
 
@@ -229,6 +236,8 @@ class _SnapshotCollector:
             "ingestd_listeners_alive": ("Listener processes alive.", sum(x["alive"] for x in s["listeners"])),
             "ingestd_pending_payloads": ("Payloads held by uploaders, not yet written.",
                                          sum(w["pending_payloads"] for w in s["workers"])),
+            "ingestd_open_partitions": ("Partitions (key folders) with an object being gathered, all uploaders.",
+                                        sum(w["open_partitions"] for w in s["workers"])),
             "ingestd_restarts": ("Child process restarts since start.",
                                  sum(c["restarts"] for c in s["workers"] + s["listeners"])),
         }

@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 
 from .records import request_record
 from .refqueue import Ref, RefQueue, epoch_tag
@@ -102,7 +103,7 @@ class RefWriter(threading.Thread):
 
 class Intake:
     def __init__(self, index: int, log: RequestLog, queue: RefQueue, board: Scoreboard, max_items: int,
-                 max_bytes: int, always_sync: bool) -> None:
+                 max_bytes: int, always_sync: bool, tenant_names: Sequence[str] = ()) -> None:
         self.index = index
         self.log = log
         self.queue = queue
@@ -119,6 +120,8 @@ class Intake:
         self.others_bytes = 0  # LOG_BYTES of the other listeners, refreshed by the keeper
         self._pending: Counter[int] = Counter()  # "always": epoch -> requests logged, not yet synced
         self._tenant_rows = [board.tenant_row(index, t) for t in range(board.tenants)]
+        # what a record carries of its tenant (for `{tenant}` in object keys): nothing for `default`
+        self._tenant_tags = [b""] + [n.encode("ascii") for n in tenant_names[1:]]
         self.writer = RefWriter(queue)
         self.writer.start()
         # refusals the other processes decide (read straight from the board on every request, so
@@ -163,7 +166,8 @@ class Intake:
             return self._refused(Admission.SPOOL)
         if self.queue_full():  # racy by a few requests across listeners: a bound, not a count
             return self._refused(Admission.FULL)
-        record = request_record(received_at, count, lines)  # framed and checksummed outside the lock
+        tag = self._tenant_tags[tenant] if tenant < len(self._tenant_tags) else b""
+        record = request_record(received_at, count, lines, tag)  # framed and checksummed outside the lock
         with self.lock:
             if self.draining:
                 return Admission.DRAINING

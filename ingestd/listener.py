@@ -232,7 +232,7 @@ def run_listener(index: int, config: Config, queue: RefQueue, board: Scoreboard,
         sys.exit(CHILD_EXIT_BOOT_FAILED)
     row.add(ListenerField.QUARANTINED_BYTES, request_log.damaged_bytes)
     intake = Intake(index, request_log, queue, board, config.queue.max_items, config.queue.max_bytes,
-                    always_sync=sp.on_disk and sp.journal_fsync == "always")
+                    always_sync=sp.on_disk and sp.journal_fsync == "always", tenant_names=config.tenancy.names)
     health = Health(board, queue, config, intake, supervisor_pid=parent)
     limiter = RateLimiter(board, config.tenancy, spool.locks_dir / "tenant-rates")
     app = create_app(config, intake, health, limiter)
@@ -241,15 +241,25 @@ def run_listener(index: int, config: Config, queue: RefQueue, board: Scoreboard,
     except OSError:
         log.exception("listener %d: cannot listen on %s:%d", index, host, port)
         sys.exit(CHILD_EXIT_BOOT_FAILED)
-    server = create_server(app, config, sock, app.payloads.gate,
-                           lambda ex: rejection_headers(ex, config.http.retry_after_s), intake.count_rejection)
+    serve_args = (app, config, sock, app.payloads.gate, lambda ex: rejection_headers(ex, config.http.retry_after_s),
+                  intake.count_rejection)
+    stop_serving: Callable[[], None] | None = None  # waitress has no graceful stop: os._exit below ends it
+    if config.http.server == "uvloop":
+        from .fastfront import create_server as create_fast_server  # the `fast` extra: imported only when asked for
+
+        fast = create_fast_server(*serve_args)
+        serve, stop_serving = fast.run, fast.stop
+    else:
+        serve = create_server(*serve_args).run
     keeper = Keeper(index, config, intake, board, spool, queue)
     row[ListenerField.LOG_BYTES] = request_log.total_bytes
     keeper.check_spool()  # the spool's state before the first request; the re-index follows in the loop
-    threading.Thread(target=server.run, name="waitress", daemon=True).start()
+    threading.Thread(target=serve, name=config.http.server, daemon=True).start()
     row[ListenerField.SERVING_PID] = os.getpid()
     log.info("listener %d: serving (pid %d, %d payloads of earlier processes adopted)", index, os.getpid(), adopted)
     run_keeper(keeper, lambda: os.getppid() != parent)
+    if stop_serving is not None:
+        stop_serving()  # stop accepting; the requests being handled answer, then every connection closes
     with intake.lock:
         request_log.seal()
     request_log.collect(intake.lock)  # what the uploaders landed while draining goes now

@@ -17,14 +17,15 @@ import logging
 import os
 import threading
 
-from .batching import Batcher, Piece
+from .batching import Partitions
 from .config import Config
 from .delivery import DeadlineReached, Delivery
 from .errors import PermanentSinkError, SpoolLockedError
 from .journal import Journal, read_all_intents
 from .requestlog import Covered, RequestLog, read_record, segment_path
 from .scoreboard import Row, UploaderField, now_ms
-from .sinks import KeyMaker, build_sink
+from . import formats
+from .sinks import build_sink
 from .spool import Lock, Spool
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,7 @@ def replay(config: Config, deadline_s: float = 120.0) -> int:
         log.info("the daemon is running: replaying dead letters only (it delivers the rest itself)")
     deadline = now_ms() + int(deadline_s * 1000)
     row = Row(array.array("q", [0] * len(UploaderField)), 0)
-    b, s = config.batch, config.sink
-    delivery = Delivery("replay", build_sink(s), spool, KeyMaker(s.prefix, b.compression == "gzip"), b.compression,
-                        b.gzip_level, s.retry_base_ms, s.retry_max_ms, row, deadline_ms=lambda: deadline)
+    delivery = Delivery.for_config("replay", config, build_sink(config.sink), spool, row, deadline_ms=lambda: deadline)
     try:
         if not daemon_running:
             held = spool.wait_for_old_children(10.0)
@@ -86,8 +85,7 @@ def replay_logs(config: Config, spool: Spool, delivery: Delivery) -> None:
         for p in intent.parts:
             covered.setdefault((p.listener, p.segment, p.offset), []).append((p.first_line, p.count))
     lock = threading.Lock()
-    b = config.batch
-    batcher = Batcher(b.max_payloads, b.max_bytes, b.max_age_ms / 1000.0, lambda: 0.0)
+    batcher = Partitions.for_config(config, lambda: 0.0)
     fds: dict[tuple[int, int], int] = {}
     try:
         for part in logs.uncovered(covered, None, lock):
@@ -100,7 +98,7 @@ def replay_logs(config: Config, spool: Spool, delivery: Delivery) -> None:
                 spool.quarantine(segment_path(spool.logs_dir, ref.listener, ref.segment), b"",
                                  f"record at offset {ref.offset} fails its checksum")
                 continue
-            batcher.add(Piece(part, got[0], got[1]))
+            batcher.add(part, got.received_at, got.tenant, got.lines)
             for batch in batcher.take_ready():
                 delivery.deliver(delivery.cut(batch, own), own, batch.body())
         for batch in batcher.take_all():
@@ -130,7 +128,7 @@ def replay_dead_letters(spool: Spool, delivery: Delivery) -> tuple[int, int]:
         key, encoding = meta["key"], meta["encoding"]
         data = delivery.encode(body, encoding, meta.get("level", 6))
         try:
-            delivery.put_object(key, data, encoding, meta["count"])
+            delivery.put_object(key, data, formats.content_encoding(encoding), meta["count"])
         except PermanentSinkError as e:
             log.error("%s: refused again (%s); left in place", path, e)
             failed += 1

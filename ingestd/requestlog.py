@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from .records import HEADER, Kind, frame, parse_request, scan, slice_lines
+from .records import HEADER, Kind, Request, frame, parse_request, scan, slice_lines
 from .refqueue import Ref
 from .spool import fsync_dir, write_atomically
 
@@ -97,18 +97,18 @@ def append_landed(logs_dir: Path, parts: list[Part]) -> None:
             os.close(fd)
 
 
-def read_record(fd: int, ref: Ref) -> tuple[float, bytes] | None:
-    """(received_at, the lines `ref` covers), or None if the record there fails its checksum."""
+def read_record(fd: int, ref: Ref) -> Request | None:
+    """The request at `ref`, cut to the lines it covers, or None if the record fails its checksum."""
     data = os.pread(fd, ref.length, ref.offset)
     found = scan(data).records
     if len(data) != ref.length or len(found) != 1 or found[0].kind is not Kind.REQUEST:
         return None
-    request = parse_request(found[0].body)
+    request = parse_request(found[0].body, found[0].flags)
     if ref.first_line == 0 and ref.count == request.count:
-        return request.received_at, request.lines
+        return request
     if ref.first_line + ref.count > request.count:
         return None
-    return request.received_at, slice_lines(request.lines, ref.first_line, ref.count)
+    return request._replace(count=ref.count, lines=slice_lines(request.lines, ref.first_line, ref.count))
 
 
 class Segment:
@@ -525,7 +525,7 @@ def read_parts(logs_dir: Path, parts: Iterable[Part]) -> Rebuilt | None:
             if got is None:
                 damaged.append(p)
                 continue
-            out.append(got[1])
+            out.append(got.lines)
             count += p.count
     finally:
         for fd in fds.values():

@@ -8,7 +8,9 @@ ingestd runs on, so no cross-process lock exists to be left held by a killed pro
   the supervisor;
 - one row per listener (`ListenerField`) and one per uploader (`UploaderField`), each written
   only by the process that currently holds that index. A restarted child continues its row, so
-  counters survive restarts and `/health` reports real figures.
+  counters survive restarts and `/health` reports real figures;
+- after those, each child's histograms (bucket counters and sums, see `histograms.py`), owned
+  the same way.
 
 Readers (health, listeners waiting for acknowledgements, the supervisor's heartbeat check) only
 read. Apache calls this a scoreboard.
@@ -21,6 +23,8 @@ import time
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 from typing import Any
+
+from .histograms import LISTENER_SERIES, LISTENER_SLOTS, UPLOADER_SERIES, UPLOADER_SLOTS, HistogramSet
 
 
 def now_ms() -> int:
@@ -43,6 +47,7 @@ class Control(enum.IntEnum):
     EPOCH = 1  # bumped by the supervisor after any abnormal child death: the queue is re-indexed
     PHASE = 2
     DEADLINE_MS = 3  # while draining: when uploaders stop retrying and leave
+    LAME_DUCK_MS = 4  # after SIGTERM with shutdown.lame_duck_s: when the drain begins (0: not shutting down)
 
 
 class ChildField(enum.IntEnum):
@@ -82,6 +87,8 @@ class UploaderField(enum.IntEnum):
     DEAD_LETTER_BLOCKED = 10  # 1 while a dead letter cannot be written (spool cap, disk full)
     RESENT_OBJECTS = 11  # objects of an earlier process sent again after a crash (same key)
     DAMAGED_RECORDS = 12  # referenced records that failed their checksum (quarantined)
+    OPEN_PARTITIONS = 13  # partitions with an object being gathered (at most batch.max_partitions + overflow)
+    OVERFLOW_PAYLOADS = 14  # payloads sent to an _overflow partition (batch.max_partitions was reached)
 
 
 class TenantField(enum.IntEnum):
@@ -130,7 +137,10 @@ class Scoreboard:
         # see ratelimit.py), then each listener's counters per tenant (written by that listener)
         self._bucket_base = self._row_base[Role.UPLOADER] + uploaders * _WIDTH[Role.UPLOADER]
         self._tenant_base = self._bucket_base + tenants
-        size = self._tenant_base + listeners * tenants * len(TenantField)
+        # then each child's histograms (histograms.py), last so that nothing above moves
+        self._histogram_base = {Role.LISTENER: self._tenant_base + listeners * tenants * len(TenantField)}
+        self._histogram_base[Role.UPLOADER] = self._histogram_base[Role.LISTENER] + listeners * LISTENER_SLOTS
+        size = self._histogram_base[Role.UPLOADER] + uploaders * UPLOADER_SLOTS
         self._a: Any = ctx.RawArray("q", size)
         self.control = Row(self._a, 0)
 
@@ -153,6 +163,15 @@ class Scoreboard:
 
     def tenant_total(self, tenant: int, f: int) -> int:
         return sum(self.tenant_row(i, tenant)[f] for i in range(self.counts[Role.LISTENER]))
+
+    def histograms(self, role: Role, index: int) -> HistogramSet:
+        """The histograms of a child's row: written only by that child, like the row."""
+        if role is Role.LISTENER:
+            return HistogramSet(self._a, self._histogram_base[role] + index * LISTENER_SLOTS, LISTENER_SERIES)
+        return HistogramSet(self._a, self._histogram_base[role] + index * UPLOADER_SLOTS, UPLOADER_SERIES)
+
+    def all_histograms(self) -> list[HistogramSet]:
+        return [self.histograms(role, i) for role in Role for i in range(self.counts[role])]
 
     def flat_index(self, role: Role, index: int, f: int) -> int:
         """Where a field lives in `raw`: for hot paths that read a few flags without Row objects."""

@@ -1,7 +1,8 @@
 """Sinks: where finished objects go. The `Sink` protocol, the key layout, and the directory sink.
 
-Keys are `<prefix>/dt=YYYY-MM-DD/hour=HH/<name>.ndjson[.gz]`, the date and hour in UTC. The
-name is the time, the host name and the intent's id (64 random bits drawn when the object is
+Keys are `<folder>/<name><extension>`: the folder is the object's partition, rendered from
+`sink.key_template` (partitions.py; by default `<prefix>/dt=YYYY-MM-DD/hour=HH`, UTC), the
+extension says its format (formats.py). The name is the time, the host name and the intent's id (64 random bits drawn when the object is
 first cut): unique across hosts, processes and restarts, so two objects never share a key, and
 fixed by the intent, so the re-send of an object after a crash lands on its own key.
 
@@ -38,19 +39,16 @@ def _safe_host() -> str:
 
 
 class KeyMaker:
-    """Builds object keys from an object's oldest receive time and its intent id."""
+    """Builds object keys from an object's folder, oldest receive time and intent id."""
 
-    def __init__(self, prefix: str, compressed: bool, host: str | None = None) -> None:
-        self.prefix = prefix.strip("/")
-        self.suffix = ".ndjson.gz" if compressed else ".ndjson"
+    def __init__(self, extension: str, host: str | None = None) -> None:
+        self.extension = extension
         self.host = host or _safe_host()
 
-    def key(self, t: float, intent_id: str) -> str:
-        g = time.gmtime(t)
-        stamp = time.strftime("%Y%m%dT%H%M%S", g) + f"{int(t * 1000) % 1000:03d}Z"
-        part = time.strftime("dt=%Y-%m-%d/hour=%H", g)
-        name = f"{part}/{stamp}-{self.host}-{intent_id}{self.suffix}"
-        return f"{self.prefix}/{name}" if self.prefix else name
+    def key(self, folder: str, t: float, intent_id: str) -> str:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(t)) + f"{int(t * 1000) % 1000:03d}Z"
+        name = f"{stamp}-{self.host}-{intent_id}{self.extension}"
+        return f"{folder}/{name}" if folder else name
 
 
 # errno values that will not heal by waiting: retrying them only delays the dead letter

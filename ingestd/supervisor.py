@@ -189,6 +189,15 @@ class Supervisor:
         name = signal.Signals(signum).name
         if signum in (signal.SIGTERM, signal.SIGINT):
             log.info("received %s", name)
+            lame_duck = self.config.shutdown.lame_duck_s
+            if lame_duck and self.drain is None and not self.board.control[Control.LAME_DUCK_MS]:
+                # readiness says 503 while requests are still accepted: load balancers take the
+                # host out on their next checks, before anything is refused
+                self.board.control[Control.LAME_DUCK_MS] = now_ms() + int(lame_duck * 1000)
+                self.notifier.stopping(f"lame duck for {lame_duck:g} s, then draining")
+                log.info("lame duck: /health/ready answers 503, requests are still accepted; draining in %.1fs "
+                         "(send %s again to drain now)", lame_duck, name)
+                return
             self.begin_drain()
         else:
             log.info("received %s: ignored (restart to change the configuration)", name)
@@ -401,6 +410,9 @@ class Supervisor:
                 self.notifier.status(self.status_line())
             if watchdog and ping_due():
                 self.notifier.watchdog()
+            lame_duck = self.board.control[Control.LAME_DUCK_MS]
+            if lame_duck and self.drain is None and now_ms() >= lame_duck:
+                self.begin_drain()
             if self.drain is not None and self.drain.step():
                 break
         self.publish()

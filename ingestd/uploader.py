@@ -31,16 +31,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .batching import Batch, Batcher, Piece
+from .batching import Batch, Partitions
 from .child import setup_child
 from .config import Config
 from .delivery import DeadlineReached, Delivery
 from .errors import CHILD_EXIT_BOOT_FAILED
+from .histograms import DeliveryHistograms
 from .journal import Intent, Journal
 from .refqueue import Ref, RefQueue, epoch_tag
 from .requestlog import Part, append_landed, read_record, segment_path
 from .scoreboard import ChildField, Control, ListenerField, Phase, Role, Scoreboard, UploaderField, now_ms
-from .sinks import KeyMaker, build_sink
+from .sinks import build_sink
 from .spool import Lock, Spool
 from .states import ChildState
 from .timing import Every
@@ -132,10 +133,13 @@ class Uploader:
         self.spool = spool
         self.parent = parent
         self.clock = clock
-        b = config.batch
-        self.batcher = Batcher(b.max_payloads, b.max_bytes, b.max_age_ms / 1000.0, clock)
+        self.batcher = Partitions.for_config(config, clock)
+        self.target_bytes = config.batch.target_object_bytes
+        if self.target_bytes:  # until a ratio is measured, as if nothing compressed
+            self.batcher.set_object_bytes(self.target_bytes)
         self.sender = Sender(delivery, f"sender-{index}")
         self.epoch = board.epoch
+        self.overflow_base = self.row[UploaderField.OVERFLOW_PAYLOADS]  # of earlier processes of this index
         self._fds: dict[tuple[int, int], int] = {}
         self._stale = 0
 
@@ -191,7 +195,7 @@ class Uploader:
             self.spool.quarantine(path, data, f"record at offset {ref.offset} fails its checksum")
             append_landed(self.spool.logs_dir, [part])
             return
-        self.batcher.add(Piece(part, got[0], got[1]))
+        self.batcher.add(part, got.received_at, got.tenant, got.lines)
 
     def hand_over(self, batches: list[Batch]) -> None:
         for batch in batches:
@@ -206,6 +210,17 @@ class Uploader:
                     if self.deadline_passed():
                         return
             self.sender.submit(intent, self.journal, batch.body())
+        if self.target_bytes and batches:
+            self.follow_target()
+
+    def follow_target(self) -> None:
+        """Objects as large as it takes for their stored size to reach batch.target_object_bytes."""
+        ratio = self.delivery.stored_ratio
+        if not ratio:
+            return
+        want = int(self.target_bytes / max(ratio, 0.001))
+        if abs(want - self.batcher.object_bytes) > self.batcher.object_bytes // 20:
+            self.batcher.set_object_bytes(want)
 
     # -- draining ---------------------------------------------------------------------------------
     def deadline_passed(self) -> bool:
@@ -277,6 +292,8 @@ class Uploader:
 
     def _publish(self) -> None:
         self.row[UploaderField.PENDING_PAYLOADS] = len(self.batcher) + self.sender.pending_payloads
+        self.row[UploaderField.OPEN_PARTITIONS] = self.batcher.open_partitions
+        self.row[UploaderField.OVERFLOW_PAYLOADS] = self.overflow_base + self.batcher.overflow_payloads
 
     def housekeeping(self) -> None:
         self.journal.sync()
@@ -315,10 +332,9 @@ def run_uploader(index: int, config: Config, queue: RefQueue, board: Scoreboard)
     except Exception:
         log.exception("uploader %d: cannot boot", index)
         sys.exit(CHILD_EXIT_BOOT_FAILED)
-    b, s = config.batch, config.sink
-    delivery = Delivery(f"uploader {index}", sink, spool, KeyMaker(s.prefix, b.compression == "gzip"), b.compression,
-                        b.gzip_level, s.retry_base_ms, s.retry_max_ms, row,
-                        deadline_ms=lambda: board.control[Control.DEADLINE_MS], alive=row.beat)
+    delivery = Delivery.for_config(f"uploader {index}", config, sink, spool, row,
+                                   deadline_ms=lambda: board.control[Control.DEADLINE_MS], alive=row.beat)
+    delivery.histograms = DeliveryHistograms(board.histograms(Role.UPLOADER, index))
     uploader = Uploader(index, config, queue, board, delivery, journals, spool, parent)
     row[UploaderField.ACK_EPOCH] = uploader.epoch
     row[UploaderField.BOOTED_PID] = os.getpid()

@@ -515,9 +515,10 @@ def settle(predicate: Callable[[], Any], timeout: float, interval: float = 0.1) 
 
 # -- processes and /proc --------------------------------------------------------------------------
 
-def run_ingestd(args: list[str], cwd: Path, timeout: float = 90.0) -> subprocess.CompletedProcess[str]:
+def run_ingestd(args: list[str], cwd: Path, timeout: float = 90.0, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess[str]:
     """Run an `ingestd` command to completion in its own process group (killed on timeout)."""
-    proc = subprocess.Popen([sys.executable, "-m", "ingestd", *args], cwd=cwd, env={**os.environ, **AWS_ENV},
+    proc = subprocess.Popen([sys.executable, "-m", "ingestd", *args], cwd=cwd, env={**(env or os.environ), **AWS_ENV},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)

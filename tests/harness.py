@@ -159,15 +159,35 @@ def post(url: str, body: bytes | dict[str, Any], headers: dict[str, str] | None 
 
 
 def parse_object(body: bytes, key: str) -> list[dict[str, Any]]:
-    if key.endswith(".gz"):
-        body = gzip.decompress(body)
+    """The envelope lines of a stored object, whatever its format (Parquet read with pyarrow)."""
+    if key.endswith(".parquet"):
+        return parquet_envelopes(body)
+    body = decoded_body(body, key)
     return [orjson.loads(line) for line in body.splitlines() if line]
+
+
+def parquet_rows(body: bytes) -> list[dict[str, Any]]:
+    import io
+
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(body)).to_pylist()  # type: ignore[no-any-return]
+
+
+def parquet_envelopes(body: bytes) -> list[dict[str, Any]]:
+    """Parquet rows as the NDJSON envelope they hold: received_at back to its RFC 3339 text."""
+    out = []
+    for row in parquet_rows(body):
+        t = row["received_at"]
+        stamp = t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+        out.append({"received_at": stamp, "version": row["version"], "payload": orjson.loads(row["payload"])})
+    return out
 
 
 def read_directory_sink(root: Path) -> dict[str, list[dict[str, Any]]]:
     """Every finished object under `root`: key -> envelope lines."""
     out = {}
-    for path in sorted(root.rglob("*.ndjson*")):
+    for path in sorted([*root.rglob("*.ndjson*"), *root.rglob("*.parquet")]):
         if path.name.startswith("."):
             continue
         key = path.relative_to(root).as_posix()
@@ -206,6 +226,10 @@ def ingestd_command() -> list[str]:
 
 
 def decoded_body(body: bytes, key: str) -> bytes:
+    if key.endswith(".zst"):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompress(body)
     return gzip.decompress(body) if key.endswith(".gz") else body
 
 
@@ -266,7 +290,7 @@ def logged_lines(root: Path) -> list[dict[str, Any]]:
         for rec in records:
             if rec.kind is not Kind.REQUEST or rec.offset in cancelled:
                 continue
-            request = parse_request(rec.body)
+            request = parse_request(rec.body, rec.flags)
             for first, count in uncovered_ranges(request.count, landed.get(rec.offset, [])):
                 out += [orjson.loads(ln) for ln in slice_lines(request.lines, first, count).splitlines()]
     return out

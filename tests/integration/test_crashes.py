@@ -92,8 +92,31 @@ class Crasher:
 @pytest.mark.parametrize("durability", ["memory", "disk"])
 @pytest.mark.parametrize("victim", ["uploader", "listener", "supervisor", "tree"])
 def test_sigkill_loop_under_load_loses_and_duplicates_nothing(daemon_factory, tmp_path, victim, durability):
+    kill_loop(daemon_factory, tmp_path, victim, durability)
+
+
+# partitioned by a payload field with few partitions allowed: requests split into parts that are
+# not contiguous, most of them in the _overflow partition, objects in zstd or Parquet
+PARTITIONED = {
+    "sink": {"key_template": "{prefix}/{tenant}/id={payload.id}/dt={date}/hour={hour}"},
+    "batch": {"max_partitions": 8},
+}
+
+
+@pytest.mark.parametrize("victim, durability, fmt", [("uploader", "disk", "parquet"), ("tree", "memory", "zstd")])
+def test_sigkill_loop_with_partitions_and_formats_loses_and_duplicates_nothing(daemon_factory, tmp_path, victim,
+                                                                                durability, fmt):
+    batch = {"compression": "zstd"} if fmt == "zstd" else {"format": "parquet", "parquet_columns": {"id": "string"}}
+    layout = {"sink": PARTITIONED["sink"], "batch": {**PARTITIONED["batch"], **batch}}
+    kill_loop(daemon_factory, tmp_path, victim, durability, layout, f"-{fmt}")
+
+
+def kill_loop(daemon_factory, tmp_path, victim: str, durability: str,
+              layout: dict[str, dict[str, Any]] | None = None, tag: str = "") -> None:
     def start(port: int) -> Daemon:
         t = tables(durability)
+        for table, keys in (layout or {}).items():
+            t.setdefault(table, {}).update(keys)
         t["http"]["listen"] = f"127.0.0.1:{port}"
         return daemon_factory(t).start()
 
@@ -115,7 +138,7 @@ def test_sigkill_loop_under_load_loses_and_duplicates_nothing(daemon_factory, tm
     d.signal(signal.SIGTERM)
     assert d.wait(60) == 0, d.log()
     stored = payload_ids(read_directory_sink(tmp_path / "objects"))
-    figures = check_delivery(f"sigkill-{victim}-x{KILLS}-{durability}", ledger, stored)
+    figures = check_delivery(f"sigkill-{victim}-x{KILLS}-{durability}{tag}", ledger, stored)
     print(f"  kills={KILLS} recovery s: min {min(crasher.timings):.2f} max {max(crasher.timings):.2f}")
     assert figures["acknowledged"] > KILLS * PROGRESS
     assert spool_lines(tmp_path) == [], "payloads held in the spool after a clean drain"

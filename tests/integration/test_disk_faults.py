@@ -280,7 +280,7 @@ def test_a_log_cut_mid_record_loses_only_that_unacknowledged_record(daemon_facto
     segment = last_file(logs_root(d.workdir) / "logs", "*/*.log")
     data = segment.read_bytes()
     last = scan(data).records[-1]
-    cut_ids = [orjson.loads(ln)["payload"]["id"] for ln in parse_request(last.body).lines.splitlines()]
+    cut_ids = [orjson.loads(ln)["payload"]["id"] for ln in parse_request(last.body, last.flags).lines.splitlines()]
     os.truncate(segment, last.offset + last.size // 2)
     # the test plays a crash in the middle of that request's write: it was never acknowledged
     ledger.acked = [x for x in ledger.acked if x not in cut_ids]
@@ -319,7 +319,7 @@ def test_damage_in_the_middle_of_a_log_is_quarantined_and_the_rest_delivered(dae
     records = scan(bytes(data)).records
     assert len(records) >= 3, "the segment is too short to damage its middle"
     victim = records[len(records) // 2]
-    lost = [orjson.loads(ln)["payload"]["id"] for ln in parse_request(victim.body).lines.splitlines()]
+    lost = [orjson.loads(ln)["payload"]["id"] for ln in parse_request(victim.body, victim.flags).lines.splitlines()]
     data[victim.offset + victim.size - 5] ^= 0xFF  # a flipped byte inside the record: its checksum fails
     segment.write_bytes(bytes(data))
     # damaged storage loses that record (it is kept in quarantine); everything around it lands

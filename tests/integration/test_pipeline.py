@@ -549,7 +549,7 @@ def test_check_config_prints_the_effective_config(tmp_path):
 @pytest.mark.parametrize("text, key", [
     ("[batch]\nmax_payloads = 0\n", "max_payloads"),
     ("[http]\nlisten = \"127.0.0.1:0\"\nbogus_key = 1\n", "bogus_key"),
-    ("[batch]\ncompression = \"zstd\"\n", "compression"),
+    ("[batch]\ncompression = \"brotli\"\n", "compression"),
     ("[queue]\nmax_items = \"many\"\n", "max_items"),
     ("[nosuchtable]\nx = 1\n", "nosuchtable"),
 ])

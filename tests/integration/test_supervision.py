@@ -220,3 +220,41 @@ def test_supervisor_sigkill_orphans_flush_and_restart_on_same_port_loses_nothing
     counts = Counter(payload_ids(read_directory_sink(tmp_path / "objects")))
     assert counts == Counter(ids), counts
     print("supervisor-kill: acknowledged=40 landed=%d duplicates=%d" % (len(counts), sum(counts.values()) - len(counts)))
+
+
+def test_lame_duck_keeps_accepting_while_readiness_says_503_then_drains(daemon_factory, tmp_path):
+    d = daemon_factory({"shutdown": {"lame_duck_s": 3}}).start()
+    ids = iter(f"lame-{i}" for i in range(10_000))
+    sent: list[str] = []
+
+    def send_one() -> int:
+        pid = next(ids)
+        r = requests.post(d.url + "/v1/payloads", json={"data": [{"id": pid}]}, timeout=10)
+        if r.status_code == 202:
+            sent.append(pid)
+        return r.status_code
+
+    assert send_one() == 202
+    d.signal(signal.SIGTERM)
+
+    def lame() -> dict | None:
+        r = requests.get(d.url + "/health/ready", timeout=5)
+        return r.json() if r.status_code == 503 else None
+
+    health = wait_for(lame, 5, "readiness to answer 503")
+    assert any("lame_duck_s" in reason for reason in health["reasons"]), health
+    # still accepting: the load balancer has not taken the host out yet
+    statuses = Counter(send_one() for _ in range(20))
+    assert statuses == {202: 20}, statuses
+    assert d.proc is not None and d.proc.poll() is None
+    assert d.wait(30) == 0, d.log()
+    assert sorted(payload_ids(read_directory_sink(tmp_path / "objects"))) == sorted(sent)
+    assert "lame duck" in d.log()
+
+
+def test_a_second_sigterm_ends_the_lame_duck_at_once(daemon_factory):
+    d = daemon_factory({"shutdown": {"lame_duck_s": 600}}).start()
+    d.signal(signal.SIGTERM)
+    wait_for(lambda: requests.get(d.url + "/health/ready", timeout=5).status_code == 503, 5, "the lame duck")
+    d.signal(signal.SIGTERM)
+    assert d.wait(30) == 0, d.log()

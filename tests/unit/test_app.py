@@ -21,6 +21,7 @@ from falcon import testing
 from ingestd.app import WSGIApp, create_app
 from ingestd.config import AuthConfig, Config, HttpConfig, QueueConfig, TenantConfig, WorkersConfig, resolve_tenancy
 from ingestd.health import Health, shared_refusals
+from ingestd.histograms import parse as parse_histograms
 from ingestd.intake import Intake
 from ingestd.ratelimit import RateLimiter
 from ingestd.records import encode_lines, request_record
@@ -95,7 +96,7 @@ class Daemon:
         finally:
             os.close(fd)
         assert got is not None, f"the record of {ref} fails its checksum"
-        return Stored(ref, got[0], got[1])
+        return Stored(ref, got.received_at, got.lines)
 
     def kept(self) -> Kept:
         assert self.intake.writer.wait_flushed(5), "the listener's references never reached the queue"
@@ -639,7 +640,7 @@ def test_a_reference_waits_in_the_writer_while_the_pipe_is_full_then_reaches_the
         got = read_record(fd, found[0])
     finally:
         os.close(fd)
-    assert got is not None and [orjson.loads(ln)["payload"] for ln in got[1].splitlines()] == [{"n": 2}, {"n": 3}]
+    assert got is not None and [orjson.loads(ln)["payload"] for ln in got.lines.splitlines()] == [{"n": 2}, {"n": 3}]
     assert d.counters()["accepted_payloads"] == 2 and d.counters()["overload_rejections"] == 0
 
 
@@ -755,7 +756,7 @@ def test_health_says_draining_while_draining(daemon: Daemon) -> None:
     r = daemon.client.simulate_get("/health")
     assert r.status_code == 503 and r.json["status"] == "draining"
     ready = daemon.client.simulate_get("/health/ready")
-    assert ready.status_code == 503 and ready.json == {"ready": False, "status": "draining"}
+    assert ready.status_code == 503 and ready.json == {"ready": False, "status": "draining", "reasons": ["draining"]}
 
 
 def test_health_503_without_a_live_uploader_reports_their_restarts(daemon: Daemon) -> None:
@@ -793,7 +794,7 @@ def test_health_live_and_ready_answer_json(daemon: Daemon) -> None:
     live = daemon.client.simulate_get("/health/live")
     assert live.status_code == 200 and live.headers["content-type"].startswith("application/json")
     ready = daemon.client.simulate_get("/health/ready")
-    assert ready.status_code == 200 and ready.json == {"ready": True, "status": "ok"}
+    assert ready.status_code == 200 and ready.json == {"ready": True, "status": "ok", "reasons": []}
 
 
 def test_health_sums_the_counters_of_every_row(daemon: Daemon) -> None:
@@ -876,6 +877,21 @@ def test_rejected_requests_counts_every_refused_ingest_and_overload_only_the_503
     text = d.client.simulate_get("/metrics").text
     assert metric(text, "ingestd_rejected_requests_total") == 5
     assert metric(text, "ingestd_overload_rejections_total") == 1
+
+
+def test_metrics_time_every_ingest_request_by_status_class(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon(max_items=1, health_detail=False)  # histograms are not per-process detail: they stay
+    assert d.post({"data": [{}, {}]}).status_code == 202
+    assert d.post(raw=b"{bad").status_code == 400
+    assert d.post({"data": [{}]}, content_type="text/csv").status_code == 415
+    assert d.post({"data": [{}]}).status_code == 503
+    d.client.simulate_get("/health")  # other paths are not timed
+    seen = parse_histograms(d.client.simulate_get("/metrics").text)["ingestd_request_seconds"]
+    assert {labels[0][1]: o.observations for labels, o in seen.items()} == {"2xx": 1, "4xx": 2, "5xx": 1}
+    for o in seen.values():
+        assert o.buckets[-1] == (float("inf"), o.observations) and 0 <= o.sum < 5 * o.observations
+    assert {"ingestd_landing_seconds", "ingestd_put_seconds", "ingestd_object_bytes",
+            "ingestd_object_payloads"} <= set(parse_histograms(d.client.simulate_get("/metrics").text))
 
 
 @pytest.mark.parametrize(("used_share", "held", "refused"), [

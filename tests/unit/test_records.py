@@ -27,6 +27,7 @@ from ingestd.records import (
     exact_dumps,
     frame,
     lines_within,
+    FLAG_TENANT,
     parse_request,
     request_record,
     rfc3339_ms,
@@ -174,7 +175,7 @@ def requests() -> list[Request]:
 
 
 def framed() -> list[bytes]:
-    return [request_record(*r) for r in requests()]
+    return [request_record(r.received_at, r.count, r.lines) for r in requests()]
 
 
 def parsed(data: bytes) -> list[Request]:
@@ -192,9 +193,18 @@ def test_frame_layout_is_magic_kind_flags_length_crc_body() -> None:
 
 def test_request_record_round_trip() -> None:
     for r in requests():
-        [rec] = scan(request_record(*r)).records
+        [rec] = scan(request_record(r.received_at, r.count, r.lines)).records
         assert rec.kind is Kind.REQUEST
-        assert parse_request(rec.body) == r
+        assert parse_request(rec.body, rec.flags) == r
+
+
+def test_a_tenant_other_than_default_travels_in_the_record_and_default_costs_nothing() -> None:
+    [rec] = scan(request_record(7.5, 2, b"a\nb\n", b"acme")).records
+    assert rec.flags == FLAG_TENANT
+    assert parse_request(rec.body, rec.flags) == Request(7.5, 2, b"a\nb\n", "acme")
+    plain = request_record(7.5, 2, b"a\nb\n")
+    assert len(plain) == len(request_record(7.5, 2, b"a\nb\n", b"acme")) - 5
+    assert parse_request(scan(plain).records[0].body).tenant == "default"
 
 
 def test_scan_reads_every_record_with_its_offset_size_and_kind() -> None:
@@ -341,53 +351,43 @@ def test_damaged_length_does_not_allocate_what_it_claims(tmp_path: Path) -> None
 # -- KeyMaker ---------------------------------------------------------------------------------------
 
 KEY_RE = re.compile(
-    r"^(?:(?P<prefix>.+)/)?dt=(?P<date>\d{4}-\d{2}-\d{2})/hour=(?P<hour>\d{2})/"
-    r"(?P<stamp>\d{8}T\d{9}Z)-(?P<host>[A-Za-z0-9.-]+)-(?P<id>[^/]+?)\.ndjson(?P<gz>\.gz)?$"
+    r"^(?:(?P<folder>.+)/)?(?P<stamp>\d{8}T\d{9}Z)-(?P<host>[A-Za-z0-9.-]+)-(?P<id>[^/]+?)(?P<ext>\.ndjson(\.gz)?)$"
 )
 
 
-def test_key_layout_with_prefix() -> None:
-    key = KeyMaker("telemetry/raw", True, host="h1").key(T, "00ff00ff00ff00ff")
+def test_key_is_folder_time_host_id_and_extension() -> None:
+    key = KeyMaker(".ndjson.gz", host="h1").key("telemetry/raw/dt=2025-11-28/hour=03", T, "00ff00ff00ff00ff")
     assert key == "telemetry/raw/dt=2025-11-28/hour=03/20251128T030405125Z-h1-00ff00ff00ff00ff.ndjson.gz"
     m = KEY_RE.match(key)
-    assert m and (m["prefix"], m["date"], m["hour"], m["host"], m["id"], m["gz"]) == (
-        "telemetry/raw", "2025-11-28", "03", "h1", "00ff00ff00ff00ff", ".gz")
+    assert m and (m["folder"], m["host"], m["id"], m["ext"]) == (
+        "telemetry/raw/dt=2025-11-28/hour=03", "h1", "00ff00ff00ff00ff", ".ndjson.gz")
 
 
-def test_key_prefix_slashes_are_stripped() -> None:
-    key = KeyMaker("/p/q/", False, host="h").key(T, "i")
-    assert key == "p/q/dt=2025-11-28/hour=03/20251128T030405125Z-h-i.ndjson"
-    assert "//" not in key and not key.startswith("/")
+def test_key_without_folder_has_no_leading_slash() -> None:
+    assert KeyMaker(".ndjson", host="h").key("", T, "i") == "20251128T030405125Z-h-i.ndjson"
 
 
-def test_key_without_prefix_has_no_leading_slash() -> None:
-    key = KeyMaker("", False, host="h").key(T, "i")
-    assert key == "dt=2025-11-28/hour=03/20251128T030405125Z-h-i.ndjson"
-    assert KeyMaker("/", False, host="h").key(T, "i") == key
-
-
-def test_key_date_and_hour_are_utc_whatever_the_time_zone(far_time_zone: None) -> None:
+def test_key_time_is_utc_whatever_the_time_zone(far_time_zone: None) -> None:
     t = 1764370800.0  # 2025-11-28T23:00:00Z: already the 29th in UTC+14
     assert time.localtime(t).tm_mday == 29
-    key = KeyMaker("", True, host="h").key(t, "i")
-    assert key == "dt=2025-11-28/hour=23/20251128T230000000Z-h-i.ndjson.gz"
+    assert KeyMaker(".ndjson.gz", host="h").key("f", t, "i") == "f/20251128T230000000Z-h-i.ndjson.gz"
 
 
 def test_same_time_and_intent_give_the_same_key() -> None:
     # a re-sent object after a crash must land on its own key
-    assert KeyMaker("p", True, host="h").key(T, "abc") == KeyMaker("p", True, host="h").key(T, "abc")
+    assert KeyMaker(".ndjson", host="h").key("p", T, "abc") == KeyMaker(".ndjson", host="h").key("p", T, "abc")
 
 
 def test_different_intents_or_hosts_give_different_keys() -> None:
-    km = KeyMaker("p", True, host="h")
-    keys = {km.key(T, f"{i:016x}") for i in range(1000)} | {KeyMaker("p", True, host="h2").key(T, f"{0:016x}")}
+    km = KeyMaker(".ndjson.gz", host="h")
+    keys = {km.key("p", T, f"{i:016x}") for i in range(1000)} | {KeyMaker(".ndjson.gz", host="h2").key("p", T, f"{0:016x}")}
     assert len(keys) == 1001
 
 
 def test_default_host_is_safe_for_a_key() -> None:
-    km = KeyMaker("p", False)
+    km = KeyMaker(".ndjson")
     assert re.fullmatch(r"[A-Za-z0-9.-]{1,63}", km.host), km.host
-    assert KEY_RE.match(km.key(T, "i"))
+    assert KEY_RE.match(km.key("p", T, "i"))
 
 
 # -- DirectorySink ------------------------------------------------------------------------------------

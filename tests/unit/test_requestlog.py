@@ -100,11 +100,13 @@ def file_records(path: Path) -> list[tuple[Kind, int]]:
 
 
 def read_at(path: Path, ref: Ref) -> tuple[float, bytes] | None:
+    """(received_at, lines) of the request at `ref`, or None."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        return read_record(fd, ref)
+        got = read_record(fd, ref)
     finally:
         os.close(fd)
+    return None if got is None else (got.received_at, got.lines)
 
 
 # -- appending and reading back ------------------------------------------------------------------------

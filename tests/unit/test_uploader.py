@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from ingestd import formats
 from ingestd.batching import Batch
 from ingestd.config import (
     BatchConfig,
@@ -38,7 +39,6 @@ from ingestd.records import Kind, encode_lines, scan
 from ingestd.refqueue import Ref, RefQueue
 from ingestd.requestlog import RequestLog, segment_path
 from ingestd.scoreboard import Control, Phase, Row, Scoreboard, UploaderField, now_ms
-from ingestd.sinks import KeyMaker
 from ingestd.spool import Spool
 from ingestd.uploader import Uploader
 from tests.fakes import FakeClock
@@ -171,9 +171,9 @@ def make_world(tmp_path: Path) -> Iterator[Callable[..., World]]:
         journal = Journal(spool.journal_dir("0"), "none")
         sink = FakeSink()
         row = board.uploader(0)
-        delivery = Delivery("uploader 0", sink, spool, KeyMaker("pfx", True, host="testhost"), "gzip", 6,
-                            config.sink.retry_base_ms, config.sink.retry_max_ms, row,
-                            deadline_ms=lambda: board.control[Control.DEADLINE_MS], alive=row.beat)
+        delivery = Delivery("uploader 0", sink, spool, "gzip", 6, config.sink.retry_base_ms, config.sink.retry_max_ms,
+                            row, deadline_ms=lambda: board.control[Control.DEADLINE_MS], alive=row.beat,
+                            host="testhost")
         clock = FakeClock(NOW)
         uploader = Uploader(0, config, queue, board, delivery, [journal], spool, parent=os.getppid(), clock=clock)
         world = World(config, board, queue, spool, log, intake, journal, sink, delivery, uploader, clock)
@@ -300,12 +300,12 @@ def test_hand_over_journals_an_intent_and_the_sender_delivers_it(world: World) -
 
 def test_gzip_with_mtime_zero_gives_the_same_bytes_every_time() -> None:
     body = b'{"received_at":"2025-11-28T03:04:05.125Z","version":null,"payload":{"n":1}}\n' * 50
-    first = Delivery.encode(body, "gzip", 6)
-    assert Delivery.encode(body, "gzip", 6) == first
+    first = formats.encode(body, "gzip", 6)
+    assert formats.encode(body, "gzip", 6) == first
     assert first[4:8] == b"\0\0\0\0"  # MTIME
     assert gzip.decompress(first) == body
-    assert Delivery.encode(body, "gzip", 1) == Delivery.encode(body, "gzip", 1) != first
-    assert Delivery.encode(body, None, 6) is body
+    assert formats.encode(body, "gzip", 1) == formats.encode(body, "gzip", 1) != first
+    assert formats.encode(body, None, 6) is body
 
 
 def test_a_resend_read_back_from_the_logs_goes_to_the_same_key_with_the_same_bytes(world: World) -> None:
@@ -347,8 +347,7 @@ def test_retryable_errors_are_retried_until_the_put_succeeds_and_each_failure_is
 
 
 def test_retry_delays_grow_exponentially_with_full_jitter_up_to_the_maximum(world: World) -> None:
-    d = Delivery("t", world.sink, world.spool, KeyMaker("", True), "gzip", 6, 100, 1000, world.row,
-                 deadline_ms=lambda: 0)
+    d = Delivery("t", world.sink, world.spool, "gzip", 6, 100, 1000, world.row, deadline_ms=lambda: 0)
     for attempt, cap in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (5, 1.0), (40, 1.0)]:
         delays = [d._backoff(attempt) for _ in range(300)]
         assert all(0 <= x <= cap for x in delays), attempt
