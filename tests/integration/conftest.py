@@ -52,14 +52,32 @@ def memory_path(tmp_path: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+FRONTS = ("waitress", "uvloop")  # every value of http.server
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module marked `every_front` runs once per HTTP front: each must meet the same contract.
+    Module scope, so that a module's own daemon (a module-scoped fixture) is started once per front."""
+    if "front" in metafunc.fixturenames and metafunc.definition.get_closest_marker("every_front"):
+        metafunc.parametrize("front", FRONTS, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def front(request: pytest.FixtureRequest) -> str:
+    """The http.server of the daemons a test starts: each of FRONTS in a module marked
+    `every_front`, else the default."""
+    return str(getattr(request, "param", "waitress"))
+
+
 @pytest.fixture
-def daemon_factory(tmp_path: Path, memory_path: Path) -> Iterator[Callable[..., Daemon]]:
+def daemon_factory(tmp_path: Path, memory_path: Path, front: str) -> Iterator[Callable[..., Daemon]]:
     """Build (not start) daemons in tmp_path; every one is killed by process group at teardown."""
     made: list[Daemon] = []
 
     def make(extra: dict[str, dict[str, Any]] | None = None, env: dict[str, str] | None = None) -> Daemon:
         base = {
-            "http": {"listen": "127.0.0.1:0"},
+            # the key only where it is not the default: a config any build of ingestd reads
+            "http": {"listen": "127.0.0.1:0", **({"server": front} if front != "waitress" else {})},
             "sink": {"kind": "directory", "path": str(tmp_path / "objects")},
             "spool": {"path": str(tmp_path / "spool"), "memory_path": str(memory_path)},
             "batch": {"max_age_ms": 200},

@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import orjson
+import pytest
 import requests
 
 from tests.faults import run_ingestd
 from tests.harness import Daemon, payload_ids, read_directory_sink
+
+pytestmark = pytest.mark.every_front
 
 TOKEN = "edge-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
@@ -227,3 +230,117 @@ def test_a_connection_is_closed_after_keepalive_requests_and_keepalive_time(daem
         assert s.recv(100) == b""
     assert d.stop(30) == 0
     assert len(payload_ids(read_directory_sink(d.workdir / "objects"))) == 5
+
+
+# -- HTTP/1.1 details every front must get right ------------------------------------------------------
+
+def read_answers(sock: socket.socket, n: int, timeout: float = 10.0) -> list[tuple[int, dict[str, str], bytes]]:
+    """`n` answers from a connection, in the order they come (each with a Content-Length)."""
+    buf, out = b"", []
+    deadline = time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        head, sep, rest = buf.partition(b"\r\n\r\n")
+        if sep:
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+            length = int(headers.get("content-length", "0"))
+            if len(rest) >= length:
+                out.append((int(lines[0].split()[1]), headers, rest[:length]))
+                buf = rest[length:]
+                continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return out
+
+
+def _post_bytes(body: bytes, extra: bytes = b"") -> bytes:
+    return (b"POST /v1/payloads HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + extra
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def test_pipelined_requests_are_answered_in_order(daemon_factory: Callable[..., Daemon]) -> None:
+    import gzip
+
+    d = daemon_factory({"http": {"listeners": 1}}).start()
+    plain = [orjson.dumps({"data": [{"id": f"pipe-{i}"}]}) for i in range(3)]
+    zipped = gzip.compress(orjson.dumps({"data": [{"id": "pipe-gz"}, {"id": "pipe-gz-2"}]}))
+    burst = (_post_bytes(plain[0]) + _post_bytes(zipped, b"Content-Encoding: gzip\r\n")
+             + b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n" + _post_bytes(plain[1])
+             + b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n" + _post_bytes(plain[2]))
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        s.sendall(burst)  # six requests in one write: answered one after the other, in order
+        answers = read_answers(s, 6)
+    assert [a[0] for a in answers] == [202, 202, 404, 202, 200, 202], answers
+    assert [orjson.loads(a[2]).get("accepted") for a in answers] == [1, 2, None, 1, None, 1]
+    assert d.stop(30) == 0
+    assert sorted(payload_ids(read_directory_sink(d.workdir / "objects"))) == sorted(
+        ["pipe-0", "pipe-1", "pipe-2", "pipe-gz", "pipe-gz-2"])
+
+
+def test_expect_100_continue_only_for_a_request_that_passes_its_headers(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory({"auth": {"tokens": [TOKEN]}}).start()
+    body = orjson.dumps({"data": [{"id": "continued"}]})
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        s.sendall(b"POST /v1/payloads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                  + b"\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            chunk = s.recv(100 - len(interim))  # no further than the interim answer
+            assert chunk, interim
+            interim += chunk
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        s.sendall(body)
+        assert [a[0] for a in read_answers(s, 1)] == [202]
+    # without a token: refused from the headers, never invited to send the body
+    status, _, doc = split(raw_exchange(d.port, b"POST /v1/payloads HTTP/1.1\r\nHost: x\r\n"
+                                        b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                                        b"Content-Length: 100\r\n\r\n"))
+    assert status == 401 and doc["title"] == "Unauthorized", (status, doc)
+    assert d.stop(30) == 0
+
+
+def test_malformed_http_gets_json_answers_and_the_connection_closes(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory().start()
+    for head in (b"GARBAGE\r\n\r\n",
+                 # both lengths (a smuggling attempt): refused, or the body read as chunked (empty: 400)
+                 (b"POST /v1/payloads HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+                 b"POST /v1/payloads HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
+        status, _, doc = split(raw_exchange(d.port, head))
+        assert status == 400 and set(doc) == {"title", "description"}, (head, status, doc)
+    pad = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 8000) for i in range(40))  # 320 KB of headers
+    status, _, doc = split(raw_exchange(d.port, b"GET /health HTTP/1.1\r\nHost: x\r\n" + pad + b"\r\n"))
+    assert status == 431 and set(doc) == {"title", "description"}, (status, doc)
+    # an HTTP/1.0 request without keep-alive is answered, then closed
+    answer = raw_exchange(d.port, b"GET /health/live HTTP/1.0\r\n\r\n")
+    assert split(answer)[0] == 200
+    assert requests.get(d.url + "/health", timeout=5).status_code == 200
+    assert d.stop(30) == 0
+
+
+def test_fsync_always_answers_concurrent_clients_with_group_commit(daemon_factory: Callable[..., Daemon]) -> None:
+    import threading
+
+    d = daemon_factory({"http": {"listeners": 1},
+                        "spool": {"durability": "disk", "journal_fsync": "always"}}).start()
+    statuses: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        with requests.Session() as s:
+            for i in range(25):
+                r = s.post(d.url + "/v1/payloads", json={"data": [{"id": f"sync-{k}-{i}"}]}, timeout=10)
+                with lock:
+                    statuses[r.status_code] += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert statuses == {202: 200}, statuses
+    assert d.stop(30) == 0
+    landed = payload_ids(read_directory_sink(d.workdir / "objects"))
+    assert len(landed) == len(set(landed)) == 200

@@ -27,7 +27,7 @@ import requests
 from tests.faults import Ledger, check_delivery, peak_rss_bytes, settle, unique_prefix
 from tests.harness import Daemon, payload_ids, read_directory_raw, read_directory_sink
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.every_front]
 
 MAX_BODY = 256 * 1024
 MAX_DECODED = 1024 * 1024
@@ -73,11 +73,12 @@ class Hostile:
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
+def hostile(tmp_path_factory: pytest.TempPathFactory, front: str) -> Iterator[Hostile]:
     root = tmp_path_factory.mktemp("hostile")
     tables = {
         "http": {"listen": "127.0.0.1:0", "max_body_bytes": MAX_BODY, "max_decoded_bytes": MAX_DECODED,
-                 "channel_timeout_s": CHANNEL_TIMEOUT_S, "connection_limit": CONNECTION_LIMIT, "threads": 4},
+                 "channel_timeout_s": CHANNEL_TIMEOUT_S, "connection_limit": CONNECTION_LIMIT, "threads": 4,
+                 "server": front},
         "sink": {"kind": "directory", "path": str(root / "objects"), "fsync": False},
         "spool": {"path": str(root / "spool")},
         "batch": {"max_age_ms": 100, "compression": "none"},

@@ -20,7 +20,7 @@ import requests
 
 from tests.harness import Daemon, merge, read_directory_sink, spool_lines, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.every_front]
 
 TOKEN = "s3cret-token"
 OTHER_TOKEN = "second-token"
@@ -82,11 +82,11 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+def target(tmp_path_factory: pytest.TempPathFactory, front: str) -> Iterator[Target]:
     root = tmp_path_factory.mktemp("http-errors")
     tables = {
         "http": {"listen": "127.0.0.1:0", "max_body_bytes": MAX_BODY, "max_decoded_bytes": MAX_DECODED,
-                 "max_payloads": MAX_PAYLOADS, "retry_after_s": 3},
+                 "max_payloads": MAX_PAYLOADS, "retry_after_s": 3, "server": front},
         "auth": {"tokens": [TOKEN, OTHER_TOKEN]},
         "sink": {"kind": "directory", "path": str(root / "objects")},
         "spool": {"path": str(root / "spool")},

@@ -6,10 +6,13 @@ import os
 import signal
 from collections import Counter
 
+import pytest
 import requests
 
 from tests.harness import payload_ids, read_bucket, read_directory_sink, wait_for
 from tests.integration.test_supervision import Load, check_delivery
+
+pytestmark = pytest.mark.every_front
 
 
 def listener_pids(d) -> dict[int, int | None]:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
+pytestmark = pytest.mark.every_front
+
 
 def _schemathesis() -> str:
     exe = Path(sys.executable).with_name("schemathesis")

@@ -35,7 +35,7 @@ import requests
 from ingestd.config import HttpConfig
 from tests.harness import Daemon, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.every_front]
 
 MiB = 1 << 20
 DEFAULTS = HttpConfig()  # every [http] limit at its default, as the daemon under test runs
@@ -271,20 +271,20 @@ def table() -> str:
 
 
 @pytest.fixture(scope="module")
-def report() -> Iterator[None]:
+def report(front: str) -> Iterator[None]:
     RESULTS.clear()
     yield
     if RESULTS:
-        print("\n" + table())
+        print(f"\nhttp.server = {front}\n" + table())
 
 
 @pytest.fixture
-def meter(report: None, tmp_path: Path) -> Iterator[Meter]:
+def meter(report: None, tmp_path: Path, front: str) -> Iterator[Meter]:
     """A fresh daemon per body (a listener that served a big body keeps some of its memory, which
     would hide the next body's growth); one listener, so every request reaches the one measured."""
     shm = Path("/dev/shm") / f"ingestd-cost-{os.getpid()}-{tmp_path.name}"
     tables: dict[str, dict[str, Any]] = {  # [http] limits all at their defaults
-        "http": {"listen": "127.0.0.1:0", "listeners": 1},
+        "http": {"listen": "127.0.0.1:0", "listeners": 1, "server": front},
         "workers": {"count": 1},
         "sink": {"kind": "directory", "path": str(tmp_path / "objects"), "fsync": False},
         "spool": {"path": str(tmp_path / "spool"), "memory_path": str(shm)},
