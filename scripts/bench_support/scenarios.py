@@ -667,6 +667,8 @@ class Bench:
                 if go:
                     sc(f"go-10-slows3/{size}", "go", 10, size, slow=True, go_workers=a.slows3_go_workers)
                 sc(f"ingestd-10-slows3/{size}", "ingestd", 10, size, slow=True)
+                for front in self.fronts:
+                    sc(f"ingestd-10-slows3:{front}/{size}", "ingestd", 10, size, slow=True, front=front)
             if not a.skip_latency:
                 phase(f"latency/{size}", self.latency_phase, size)
             if not a.skip_overload:
