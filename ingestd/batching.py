@@ -203,6 +203,13 @@ class Partitions:
         for batcher in self._open.values():
             batcher.max_bytes = self.object_bytes
 
+    def first_ready(self) -> Batch | None:
+        """A batch already cut and not yet taken, if any (to measure a compression ratio on)."""
+        for batcher in self._open.values():
+            if batcher._ready:
+                return batcher._ready[0]
+        return None
+
     @property
     def open_partitions(self) -> int:
         return len(self._open)

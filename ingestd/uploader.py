@@ -196,6 +196,11 @@ class Uploader:
             append_landed(self.spool.logs_dir, [part])
             return
         self.batcher.add(part, got.received_at, got.tenant, got.lines)
+        if self.target_bytes and not self.delivery.stored_ratio:
+            first = self.batcher.first_ready()
+            if first is not None:  # the first object: measure the ratio now, before more are cut
+                self.delivery.encode(first.body(), self.delivery.encoding, self.delivery.level)
+                self.follow_target()
 
     def hand_over(self, batches: list[Batch]) -> None:
         for batch in batches:
