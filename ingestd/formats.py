@@ -21,12 +21,13 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import io
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
-from .records import line_fields, loads_exact
+from .records import line_fields, needs_exact
 
 COLUMN_TYPES = ("string", "int64", "double", "bool", "timestamp")
 LOSSLESS_COLUMNS = ("received_at", "version", "payload")
@@ -148,6 +149,7 @@ class ParquetLayout:
         payloads: list[str] = []
         typed: list[list[Any]] = [[] for _ in self.columns]
         seconds: dict[bytes, int] = {}
+        loads = json.loads if needs_exact(body) else orjson.loads  # one scan of the object, not one a line
         for line in body.splitlines():
             stamp, version, payload = line_fields(line)
             whole = seconds.get(stamp[:19])
@@ -157,7 +159,7 @@ class ParquetLayout:
             versions.append(orjson.loads(version))
             payloads.append(payload.decode())
             if self.columns:
-                value = loads_exact(payload)
+                value = loads(payload)
                 fields = value if isinstance(value, dict) else {}
                 for out, (name, kind) in zip(typed, self.columns):
                     out.append(CONVERT[kind](fields.get(name)))

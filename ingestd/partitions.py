@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 import orjson
 
-from .records import line_fields, loads_exact, needs_exact
+from .records import line_fields, needs_exact
 
 DEFAULT_TEMPLATE = "{prefix}/dt={date}/hour={hour}"
 MISSING = "_missing"
@@ -189,12 +189,10 @@ class Router:
         return PartitionKey(int(received_at // 3600), tenant if self.tenant_matters else "", ())
 
     def routes(self, received_at: float, tenant: str, lines: bytes, count: int) -> Iterator[Route]:
-        """Runs of consecutive lines of one request that share a partition, in order."""
+        """Runs of consecutive lines of one request that share a partition, in order (a template
+        with payload fields; without, the whole request is `whole`)."""
         hour = int(received_at // 3600)
         tenant = tenant if self.tenant_matters else ""
-        if not self.template.fields:
-            yield Route(0, count, 0, len(lines), PartitionKey(hour, tenant, ()))
-            return
         run_key: PartitionKey | None = None
         run_first = run_start = pos = 0
         loads = json.loads if needs_exact(lines) else orjson.loads  # one scan for the whole request
@@ -209,7 +207,7 @@ class Router:
         if run_key is not None:
             yield Route(run_first, count - run_first, run_start, pos, run_key)
 
-    def values(self, line: bytes, loads: Callable[[bytes], Any] = loads_exact) -> tuple[str, ...]:
+    def values(self, line: bytes, loads: Callable[[bytes], Any]) -> tuple[str, ...]:
         payload = loads(line_fields(line)[2])
         if not isinstance(payload, dict):
             return (MISSING,) * len(self.template.fields)

@@ -53,11 +53,6 @@ def needs_exact(decoded: bytes) -> bool:
     return _RUN_20 in masked or _MINUS_RUN_19 in masked
 
 
-def loads_exact(text: bytes) -> Any:
-    """orjson's parser, or the standard library's where an integer may exceed 64 bits."""
-    return json.loads(text) if needs_exact(text) else orjson.loads(text)
-
-
 def encode_lines(received_at: float, version: str | None, payloads: Sequence[dict[str, Any]],
                  dumps: Callable[[Any], bytes] = orjson.dumps) -> bytes:
     """The object lines of one request: {"received_at", "version", "payload"} per payload."""

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -271,34 +272,38 @@ class Ingestd(Server):
         t0 = time.monotonic()
         self.proc = self.procs.start(self.name, cmd + ["--config", str(cfg)], env=self.env(rundir), cwd=rundir, log_path=log)
         deadline = t0 + 60
-        while True:
+
+        def listening() -> bool:
             m = LISTEN_RE.search(log.read_text(errors="replace"))
             if m:
                 self.port = int(m.group(2))
-                break
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ingestd exited with code {self.proc.returncode} at start; see {log}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"ingestd did not log 'listening on' within 60s; see {log}")
-            time.sleep(0.02)
+            return m is not None
+
         paths = ["/health/ready", "/health"]
-        while True:
+
+        def ready() -> bool:
             try:
                 status, _ = http_get(self.port, paths[0], timeout=2)
-                if status == 404 and len(paths) > 1:  # an older build without /health/ready
-                    paths.pop(0)
-                    continue
-                if status == 200:
-                    break
             except (OSError, ValueError):
-                pass
+                return False
+            if status == 404 and len(paths) > 1:  # an older build without /health/ready
+                paths.pop(0)
+            return status == 200
+
+        self._poll_start(listening, "log 'listening on'", deadline, log)
+        self._poll_start(ready, "answer ready", deadline, log)
+        self.ready_s = time.monotonic() - t0
+        return self
+
+    def _poll_start(self, done: Callable[[], bool], what: str, deadline: float, log: Path) -> None:
+        """Poll `done` every 20 ms until it is true; fail if ingestd exits or the deadline passes."""
+        assert self.proc is not None
+        while not done():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ingestd exited with code {self.proc.returncode} at start; see {log}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"ingestd not ready within 60s; see {log}")
+                raise RuntimeError(f"ingestd did not {what} within 60s; see {log}")
             time.sleep(0.02)
-        self.ready_s = time.monotonic() - t0
-        return self
 
     def health(self) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads(http_get(self.port, "/health")[1])  # 503 while full: same body

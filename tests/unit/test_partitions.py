@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import io
+import json
 import re
 import urllib.parse
 
@@ -21,7 +22,7 @@ from ingestd.batching import Partitions
 from ingestd.config import BatchConfig, Config, SinkConfig, from_mapping
 from ingestd.errors import ConfigError
 from ingestd.partitions import MISSING, OVERFLOW, KeyTemplate, PartitionKey, Router, field_segment, safe_segment
-from ingestd.records import encode_lines, exact_dumps, loads_exact
+from ingestd.records import encode_lines, exact_dumps
 from ingestd.requestlog import Part
 
 T = 1764299045.125  # 2025-11-28T03:04:05.125Z
@@ -104,6 +105,12 @@ def test_any_text_becomes_a_bounded_segment_that_cannot_leave_its_folder(text: s
         assert urllib.parse.unquote(seg, errors="surrogatepass") == text
 
 
+def test_a_value_of_128_bytes_is_kept_and_one_of_129_is_shortened() -> None:
+    assert safe_segment("v" * 128) == "v" * 128
+    over = safe_segment("v" * 129)
+    assert len(over) == 128 and over != "v" * 128 and over.startswith("v" * 111 + "-")
+
+
 def test_long_values_keep_a_head_and_a_hash_so_distinct_values_stay_distinct() -> None:
     a, b = "x" * 200 + "a", "x" * 200 + "b"
     sa, sb = safe_segment(a), safe_segment(b)
@@ -115,15 +122,15 @@ def test_long_values_keep_a_head_and_a_hash_so_distinct_values_stay_distinct() -
 # -- routing ---------------------------------------------------------------------------------------------
 
 
-def test_without_payload_fields_a_request_is_one_run() -> None:
+def test_without_payload_fields_a_request_is_one_partition() -> None:
     router = Router(KeyTemplate.parse("{prefix}/{tenant}/dt={date}"), "p")
-    lines = lines_of({"a": 1}, {"a": 2})
-    assert [tuple(r) for r in router.routes(T, "acme", lines, 2)] == [(0, 2, 0, len(lines), PartitionKey(HOUR, "acme", ()))]
+    assert not router.by_field and router.whole(T, "acme") == PartitionKey(HOUR, "acme", ())
+    assert router.folder(router.whole(T, "acme")) == "p/acme/dt=2025-11-28"
 
 
 def test_tenant_is_ignored_by_a_template_without_it() -> None:
     router = Router(KeyTemplate.parse("{date}"), "")
-    assert [r.key for r in router.routes(T, "acme", lines_of({"a": 1}), 1)] == [PartitionKey(HOUR, "", ())]
+    assert router.whole(T, "acme") == PartitionKey(HOUR, "", ())
 
 
 def test_a_request_is_cut_into_runs_of_consecutive_lines_per_field_value() -> None:
@@ -265,7 +272,7 @@ def test_parquet_objects_hold_every_payload_exactly(codec: str) -> None:
     assert table.column_names == ["received_at", "version", "payload"]
     rows = table.to_pylist()
     assert [r["payload"] for r in rows] == [ln.split(b',"payload":', 1)[1][:-1].decode() for ln in BODY.splitlines()]
-    assert [loads_exact(r["payload"].encode()) for r in rows] == [{"dev": "a", "n": 1, "t": 1.5},
+    assert [json.loads(r["payload"]) for r in rows] == [{"dev": "a", "n": 1, "t": 1.5},
                                                                    {"dev": "b", "n": 2**70, "ok": True}, {"n": 2**70}]
     assert [r["version"] for r in rows] == [None, None, "v2"]
     assert rows[0]["received_at"] == dt.datetime(2025, 11, 28, 3, 4, 5, 125000, tzinfo=dt.timezone.utc)
@@ -335,3 +342,10 @@ def test_default_batch_and_sink_keys() -> None:
     b, s = BatchConfig(), SinkConfig()
     assert (b.compression, b.format, b.max_partitions, b.zstd_level, b.parquet_columns) == ("gzip", "ndjson", 1000, 3, ())
     assert s.key_template == "{prefix}/dt={date}/hour={hour}"
+
+
+def test_the_bounds_of_the_new_keys_are_accepted() -> None:
+    c = from_mapping({"batch": {"zstd_level": 19, "max_partitions": 1, "target_object_bytes": 0, "compression": "zstd"},
+                      "shutdown": {"lame_duck_s": 0}})
+    assert (c.batch.zstd_level, c.batch.max_partitions) == (19, 1)
+    assert from_mapping({"batch": {"zstd_level": 1}}).batch.zstd_level == 1
