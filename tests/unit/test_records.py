@@ -496,3 +496,12 @@ def test_directory_sink_maps_write_errors_to_retryable_or_permanent(
     assert "x.ndjson" in str(exc.value)
     folder = tmp_path / "dt=2025-11-28" / "hour=03"
     assert list(folder.iterdir()) == []  # neither the object nor its temp file
+
+
+@pytest.mark.parametrize("cut", range(1, 30))
+def test_a_record_with_a_tenant_cut_anywhere_is_a_torn_tail_and_the_ones_before_keep_their_tenant(cut: int) -> None:
+    first = request_record(1.5, 1, b'{"a":1}\n', b"acme")
+    last = request_record(2.5, 2, b"x\ny\n", b"globex")
+    result = scan(first + last[:-cut])
+    assert result.good_end == len(first) and result.damaged == []
+    assert [parse_request(r.body, r.flags) for r in result.records] == [Request(1.5, 1, b'{"a":1}\n', "acme")]
